@@ -1,0 +1,94 @@
+"""Sessions for the aiter monorepo. `nox -t ci` runs every CPU tier; see README.md.
+
+Each package is tested in its own environment holding only aiter-core and that package, so
+"pip install aiter-mla" alone is what gets tested.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+PACKAGES = sorted(p.parent.name for p in ROOT.glob("packages/*/pyproject.toml"))
+# A CPU build of torch: a bare `torch` requirement would pull a CUDA build of several GB.
+TORCH = os.environ.get("AITER_TORCH_SPEC", "torch==2.13.0")
+CPU_ENV = {"TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["tests", "compile", "wheels", "lint"]
+
+
+def _siblings(package: str) -> list[str]:
+    """aiter-* packages `package` depends on, itself last (install order)."""
+    meta = tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text())
+    deps = [re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0] for d in meta["project"].get("dependencies", [])]
+    return [d for d in deps if d in PACKAGES] + [package]
+
+
+def _install_editable(session: nox.Session, packages: list[str]) -> None:
+    session.install(TORCH)
+    session.install("pytest>=8", *[f"-e{ROOT / 'packages' / p}" for p in packages])
+
+
+@nox.session(tags=["ci"])
+@nox.parametrize("package", PACKAGES, ids=PACKAGES)
+def tests(session: nox.Session, package: str) -> None:
+    """Tiers 1-2: references, dispatch, API checks, and the Triton kernels in the interpreter."""
+    _install_editable(session, _siblings(package))
+    session.run(
+        "pytest", "-q", "-m", "not gpu and not compile", f"packages/{package}/tests", *session.posargs, env=CPU_ENV
+    )
+
+
+@nox.session(tags=["ci"])
+def compile(session: nox.Session) -> None:
+    """Tier 3: cross-compile every Triton kernel config for sm_90 and check shared memory."""
+    _install_editable(session, PACKAGES)
+    tests_dirs = [f"packages/{p}/tests" for p in PACKAGES if list((ROOT / "packages" / p / "tests").glob("test_compile*.py"))]
+    if not tests_dirs:
+        session.skip("no package has compile-only tests")
+    session.run("pytest", "-q", "-m", "compile", *tests_dirs, *session.posargs, env={"PYTHONUNBUFFERED": "1"})
+
+
+@nox.session(tags=["ci"])
+@nox.parametrize("package", [p for p in PACKAGES], ids=PACKAGES)
+def wheels(session: nox.Session, package: str) -> None:
+    """Build the wheels, install one family alone from them, import it and run its smoke test."""
+    dist = Path(session.create_tmp()) / "dist"
+    session.install(TORCH, "build")
+    for p in _siblings(package):
+        session.run("python", "-m", "build", "--wheel", "--outdir", str(dist), f"packages/{p}", silent=True)
+    wheels_ = [str(w) for w in sorted(dist.glob("*.whl"))]
+    session.install(*wheels_)
+    family = package.removeprefix("aiter-")
+    module = "aiter_" + family
+    session.run("python", "-c", f"import {module}; print({module}.__name__, {module}.__version__)")
+    with session.chdir(session.create_tmp()):  # away from the source tree: import the wheel
+        session.run("aiter", "check", family, env=CPU_ENV)
+
+
+@nox.session(tags=["ci"])
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The main job: every installed family's benchmark on a GPU; the correctness demo without one."""
+    _install_editable(session, PACKAGES)
+    env = {"PYTHONUNBUFFERED": "1"}
+    session.run("aiter", "info", env=env)
+    session.run("aiter", "bench", *session.posargs, env=env)
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """Tier 4 on a GPU machine: every package's GPU tests (bf16, fp8, compile, CUDA graphs)."""
+    _install_editable(session, PACKAGES)
+    session.run("pytest", "-q", "-m", "gpu", *[f"packages/{p}/tests" for p in PACKAGES], *session.posargs)
