@@ -184,7 +184,6 @@ def _device_index(device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-@torch.compiler.assume_constant_result
 def _lookup(index: int) -> ArchInfo:
     info = _CACHE.get(index)
     if info is None:
@@ -193,6 +192,12 @@ def _lookup(index: int) -> ArchInfo:
             info = _cpu_info() if index < 0 else _from_device(index)
         _CACHE[index] = info
     return info
+
+
+# What torch.compiler.assume_constant_result does, without its import of torch._dynamo (and
+# with it Triton), which would cost every `import aiter_core` about a second.
+# test_arch_dtypes.py::test_cached_and_compile_safe guards this against torch changes.
+_lookup._dynamo_marked_constant = True
 
 
 def get_arch_info(device=None) -> ArchInfo:
