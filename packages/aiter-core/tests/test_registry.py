@@ -4,7 +4,7 @@ import textwrap
 import pytest
 
 from aiter_core import registry
-from aiter_core.registry import BackendSpec, Family, Problem, Registry, UnsupportedError
+from aiter_core.registry import BackendSpec, Problem, Registry, UnsupportedError
 
 
 def _impl_fast(x):

@@ -1,0 +1,161 @@
+"""Small Triton helpers that kernel modules of every family import.
+
+The module imports Triton only when a helper actually needs it, so importing it is cheap and
+does not fix the interpreter mode before the caller (the `aiter` CLI, a test's conftest) had
+the chance to set ``TRITON_INTERPRET``.
+
+``autotune`` is the switch that lets autotuned kernels run under the Triton interpreter: the
+interpreter cannot benchmark (there is no driver to time on), so there it pins one config
+instead of tuning.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+__all__ = ["interpreter_active", "triton_imported_as_interpreter", "check_interpreter_consistent", "autotune",
+           "pinned_config"]
+
+# Triton reads booleans from the environment with these spellings (triton.knobs.env_bool).
+_TRUE_SPELLINGS = frozenset({"1", "true", "yes", "on", "y"})
+
+
+def interpreter_active() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET`` set true).
+
+    Reads the environment, not ``triton.knobs``, so it never imports Triton; Triton itself
+    reads the same variable when a kernel is decorated.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE_SPELLINGS
+
+
+def triton_imported_as_interpreter() -> bool | None:
+    """Whether Triton's own library (``tl.max``, ``tl.sum`` ...) was decorated for the
+    interpreter; None when Triton is not imported yet.
+
+    Triton decorates its library when it is first imported, so a process that imported Triton
+    before ``TRITON_INTERPRET=1`` was set cannot run interpreted kernels that use it.
+    """
+    if "triton" not in sys.modules:
+        return None
+    try:
+        import triton.language.standard as standard
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:  # pragma: no cover - a Triton without these modules
+        return None
+    return isinstance(standard.max, InterpretedFunction)
+
+
+def check_interpreter_consistent() -> None:
+    """Raise RuntimeError when ``TRITON_INTERPRET`` and the mode Triton was imported in
+    disagree (then Triton kernels would fail with confusing errors)."""
+    imported = triton_imported_as_interpreter()
+    if imported is None or imported == interpreter_active():
+        return
+    if interpreter_active():
+        raise RuntimeError("TRITON_INTERPRET=1 is set but Triton was imported before it was: set it before "
+                           "the first `import triton` (in conftest.py, the environment, or use the `aiter` CLI)")
+    raise RuntimeError("Triton was imported with TRITON_INTERPRET=1 but it is unset now: keep it set for "
+                       "the whole process")
+
+
+_PINNED_CLASS = None
+
+
+def _pinned_class():
+    """Build (once) the launcher class; it subclasses Triton's KernelInterface, so it needs
+    Triton, which this module only imports on demand."""
+    global _PINNED_CLASS
+    if _PINNED_CLASS is None:
+        from triton.runtime.jit import KernelInterface
+
+        class InterpreterPinnedConfig(KernelInterface):
+            """Launches ``fn`` with one fixed config: the stand-in for ``triton.autotune``
+            under the interpreter. Keeps ``configs``, ``keys`` and ``best_config`` like an
+            Autotuner so code that inspects a kernel's configs keeps working."""
+
+            def __init__(self, fn, configs, key, pinned, early_config_prune):
+                self.fn = fn
+                self.arg_names = fn.arg_names
+                self.configs = list(configs)
+                self.keys = list(key)
+                self.pinned = pinned
+                self.early_config_prune = early_config_prune
+                self.best_config = None
+                self.base_fn = getattr(fn, "base_fn", fn)
+
+            def _choose(self, args, kwargs):
+                if self.pinned is not None:
+                    return self.pinned
+                candidates = self.configs
+                if self.early_config_prune is not None:
+                    nargs = dict(zip(self.arg_names, args))
+                    candidates = self.early_config_prune(self.configs, nargs, **kwargs)
+                    if not candidates:
+                        raise RuntimeError(
+                            f"early_config_prune of kernel {self.base_fn.__name__!r} returned no config"
+                        )
+                return candidates[0]
+
+            def run(self, *args, **kwargs):
+                config = self._choose(args, kwargs)
+                self.best_config = config
+                if config.pre_hook is not None:
+                    config.pre_hook({**dict(zip(self.arg_names, args)), **kwargs, **config.all_kwargs()})
+                return self.fn.run(*args, **kwargs, **config.all_kwargs())
+
+            def warmup(self, *args, **kwargs):
+                config = self._choose(args, kwargs)
+                return [self.fn.warmup(*args, **kwargs, **config.all_kwargs())]
+
+        _PINNED_CLASS = InterpreterPinnedConfig
+    return _PINNED_CLASS
+
+
+def pinned_config(configs: Sequence[Any], interpreter_config: Any = None) -> Any:
+    """The config the interpreter runs: ``interpreter_config`` when given, else the first."""
+    if interpreter_config is not None:
+        return interpreter_config
+    if not configs:
+        raise ValueError("autotune: configs must hold at least one triton.Config, got an empty list")
+    return configs[0]
+
+
+def autotune(
+    configs: Sequence[Any],
+    key: Sequence[str],
+    *,
+    interpreter_config: Any = None,
+    prune_configs_by: dict | None = None,
+    **kwargs: Any,
+) -> Callable[[Any], Any]:
+    """Drop-in for ``triton.autotune`` that also works under ``TRITON_INTERPRET=1``.
+
+    On a GPU it is exactly ``triton.autotune(configs, key, prune_configs_by=..., **kwargs)``.
+    Under the interpreter (which cannot time kernels, so tuning over two or more configs fails
+    with "0 active drivers") it launches one config: ``interpreter_config`` if given, else the
+    first config that ``prune_configs_by["early_config_prune"]`` keeps (or the first config).
+    ``perf_model``/``top_k``, ``reset_to_zero`` and ``restore_value`` only matter while
+    benchmarking, so they are ignored there.
+
+    The decision is taken when the decorator is applied, i.e. when the kernel module is
+    imported, which is also when Triton decides between compiled and interpreted kernels.
+    """
+    configs = list(configs)
+    if not configs:
+        raise ValueError("autotune: configs must hold at least one triton.Config, got an empty list")
+    if isinstance(key, str):
+        raise TypeError(f"autotune: key must be a list of argument names, got the string {key!r}")
+
+    def decorator(fn):
+        if interpreter_active():
+            prune = (prune_configs_by or {}).get("early_config_prune")
+            cls = _pinned_class()
+            return cls(fn, configs, key, interpreter_config, prune)
+        import triton
+
+        return triton.autotune(configs, key, prune_configs_by=prune_configs_by, **kwargs)(fn)
+
+    return decorator
