@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Tier 4 on a GPU machine that has torch and Triton but no network: install the wheels that
+# tools/build_wheels.sh made (carried as .wheels/, plus pure-Python dependencies in .whl/), then
+#   tools/gpu_tier.sh info                 aiter info
+#   tools/gpu_tier.sh tests PKG...         pytest -m gpu on those packages (all when none given)
+#   tools/gpu_tier.sh bench FAMILY ARGS... that family's benchmark CLI, results under $OUT/FAMILY
+# Logs go to $OUT (the device tool returns that folder).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/.out}
+mkdir -p "$OUT"
+if [ ! -d /tmp/aiter-site ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/aiter-site \
+    .wheels/*.whl $(ls .whl/*.whl 2>/dev/null) || exit 1
+fi
+export PYTHONPATH=/tmp/aiter-site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+cmd=${1:-info}; shift || true
+case "$cmd" in
+  info) python3 -m aiter_core info 2>&1 | tee "$OUT/info.txt" ;;
+  tests)
+    pkgs=("$@"); [ ${#pkgs[@]} -eq 0 ] && pkgs=($(ls packages))
+    dirs=(); for p in "${pkgs[@]}"; do dirs+=("packages/$p/tests"); done
+    python3 -m pytest -m gpu -q -rs -p no:cacheprovider "${dirs[@]}" 2>&1 | tee "$OUT/gpu_tests_$(IFS=_; echo "${pkgs[*]}").log"
+    exit "${PIPESTATUS[0]}" ;;
+  bench)
+    fam=$1; shift
+    python3 -m "aiter_${fam}.bench" --out "$OUT/$fam" "$@" 2>&1 | tee "$OUT/bench_$fam.log"
+    exit "${PIPESTATUS[0]}" ;;
+  *) echo "unknown command $cmd (info | tests | bench)"; exit 2 ;;
+esac
