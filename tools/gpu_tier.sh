@@ -18,10 +18,26 @@ cmd=${1:-info}; shift || true
 case "$cmd" in
   info) python3 -m aiter_core info 2>&1 | tee "$OUT/info.txt" ;;
   tests)
+    # Triton compiles each kernel specialization on the CPU: spread the tests over $SHARDS
+    # processes (the GPU machine has 16 cores) and merge their logs.
     pkgs=("$@"); [ ${#pkgs[@]} -eq 0 ] && pkgs=($(ls packages))
     dirs=(); for p in "${pkgs[@]}"; do dirs+=("packages/$p/tests"); done
-    python3 -m pytest -m gpu -q -rs -p no:cacheprovider "${dirs[@]}" 2>&1 | tee "$OUT/gpu_tests_$(IFS=_; echo "${pkgs[*]}").log"
-    exit "${PIPESTATUS[0]}" ;;
+    tag=$(IFS=_; echo "${pkgs[*]}")
+    shards=${SHARDS:-8}
+    python3 -m pytest -m gpu -q --collect-only -p no:cacheprovider "${dirs[@]}" 2>/dev/null | grep "::" > "$OUT/ids_$tag.txt"
+    split -n "r/$shards" "$OUT/ids_$tag.txt" "/tmp/shard_${tag}_"
+    for f in /tmp/shard_${tag}_*; do
+      mapfile -t ids < "$f"
+      python3 -m pytest -m gpu -q -rs -p no:cacheprovider "${ids[@]}" > "$f.log" 2>&1 &
+    done
+    wait
+    status=0
+    for f in /tmp/shard_${tag}_*.log; do
+      grep -qE "(passed|no tests ran)" "$f" && ! grep -qE "[0-9]+ (failed|error)" "$f" || status=1
+      cat "$f"
+    done > "$OUT/gpu_tests_$tag.log"
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests_$tag.log"
+    exit $status ;;
   bench)
     fam=$1; shift
     python3 -m "aiter_${fam}.bench" --out "$OUT/$fam" "$@" 2>&1 | tee "$OUT/bench_$fam.log"
