@@ -1,0 +1,117 @@
+"""Launch configs per head-dim bucket (no autotuning: one fixed config per shape class keeps the
+first call cheap and CUDA-graph capture deterministic).
+
+Buckets are keyed by the padded head dim max(BLOCK_DQK, BLOCK_DV). ``AITER_MHA_FWD_CONFIG`` /
+``AITER_MHA_BWD_CONFIG`` (JSON, e.g. '{"BLOCK_M":128,"BLOCK_N":64,"num_warps":8,"num_stages":3}';
+the backward also takes '{"dkdv": {...}, "dq": {...}}') override the choice, for tuning sweeps on
+a GPU; flash_fwd / flash_bwd take the same dicts as ``config=``. Every entry here is cross-compiled for sm_90 by
+tests/test_compile_sm90.py, which checks the shared-memory budget (232448 bytes per block).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import triton
+
+# Chosen from sm_90 cross-compiles (ptxas register / spill report, shared-memory size) with
+# Triton 3.9; not yet timed on the H100 (tests/gpu/test_gpu_kernels.py --bench --sweep does that).
+# Forward: BLOCK_M 128 with 8 warps = two Hopper warpgroups of 64 query rows each (wgmma M=64).
+# Non-causal d<=128 takes BLOCK_N 128 (no spills, <=164 KB smem at 2 stages for d128; 3 stages
+# would need 224 KB, too close to the 227 KB limit to be safe across Triton versions).
+FWD_CONFIGS = {
+    "DEFAULT": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    32: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    64: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    256: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+}
+# Causal / windowed: the masked diagonal blocks raise register pressure (BLOCK_N 128 spills at d128).
+FWD_MASKED_CONFIGS = {
+    "DEFAULT": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    32: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    256: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+}
+# Philox dropout adds ~60 registers per tile element group: BLOCK_N 64 (128 spills kilobytes).
+FWD_DROPOUT_CONFIGS = {
+    "DEFAULT": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    32: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    256: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+}
+FWD_FP8_CONFIGS = {
+    "DEFAULT": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    32: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    64: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    256: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+}
+
+# Backward. dK/dV kernel: BLOCK_N keys are the wgmma M side (128 rows = two warpgroups), BLOCK_M
+# queries per step; dK and dV accumulators (2 x 128 x D fp32) dominate the registers, so the
+# query step stays small (32; d256 needs 16 and still spills a little). dQ kernel: 128 query
+# rows, 64 keys per step (no spills up to d128).
+BWD_CONFIGS = {
+    "DEFAULT": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+    32: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+    64: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+    128: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+    256: dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
+}
+BWD_DQ_CONFIGS = {
+    "DEFAULT": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    32: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+}
+
+
+def _bucket(d_qk: int, d_v: int) -> int:
+    d = max(16, triton.next_power_of_2(max(int(d_qk), int(d_v))))
+    return 32 if d <= 32 else d
+
+
+def _pick(table: dict, d_qk: int, d_v: int) -> dict:
+    return dict(table.get(_bucket(d_qk, d_v), table["DEFAULT"]))
+
+
+def _env_override(name: str):
+    raw = os.environ.get(name)
+    return json.loads(raw) if raw else None
+
+
+def fwd_config(d_qk: int, d_v: int, *, is_fp8: bool = False, dropout: bool = False,
+               causal: bool = False) -> dict:
+    override = _env_override("AITER_MHA_FWD_CONFIG")
+    if override:
+        return override
+    if is_fp8:
+        return _pick(FWD_FP8_CONFIGS, d_qk, d_v)
+    if dropout:
+        return _pick(FWD_DROPOUT_CONFIGS, d_qk, d_v)
+    if causal:
+        return _pick(FWD_MASKED_CONFIGS, d_qk, d_v)
+    return _pick(FWD_CONFIGS, d_qk, d_v)
+
+
+def split_bwd_config(config: dict) -> tuple[dict | None, dict | None]:
+    """A backward override is either one flat config for both kernels or
+    {"dkdv": {...}, "dq": {...}} (either key may be left out)."""
+    if "dkdv" in config or "dq" in config:
+        return config.get("dkdv"), config.get("dq")
+    return dict(config), dict(config)
+
+
+def bwd_configs(d_qk: int, d_v: int, config: dict | None = None) -> tuple[dict, dict]:
+    """(dK/dV kernel config, dQ kernel config); ``config`` (or AITER_MHA_BWD_CONFIG) overrides."""
+    cfg_kv, cfg_q = _pick(BWD_CONFIGS, d_qk, d_v), _pick(BWD_DQ_CONFIGS, d_qk, d_v)
+    override = config or _env_override("AITER_MHA_BWD_CONFIG")
+    if override:
+        kv, q = split_bwd_config(override)
+        cfg_kv, cfg_q = kv or cfg_kv, q or cfg_q
+    return dict(cfg_kv), dict(cfg_q)
