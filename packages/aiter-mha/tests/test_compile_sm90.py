@@ -31,7 +31,7 @@ INT_POINTERS = {"cu_seqlens_q": "*i32", "cu_seqlens_k": "*i32", "seqstart_q": "*
                 "seqstart_k": "*i32", "seqlens_k": "*i32", "block_table": "*i32",
                 "rng_state": "*i64"}
 FP32_POINTERS = {"Lse", "Dmask", "alibi", "sink", "q_descale", "k_descale", "v_descale", "Delta",
-                 "Sink", "SinkPartial", "DBias"}
+                 "Sink", "SinkPartial", "DBias", "DQacc"}
 
 
 def _compile(kernel, constexprs, num_warps, num_stages, elem="bf16", kv_elem=None, aligned=True):
@@ -120,6 +120,7 @@ BWD_FLAGS_OFF = dict(IS_VARLEN=False, HAS_SEQSTART=False, HAS_WINDOW=False, HAS_
                      HAS_BIAS=False, HAS_ALIBI=False, HAS_DROPOUT=False)
 BWD_FEATURES = {
     "causal": dict(HAS_WINDOW=True),
+    "dq_atomic": dict(HAS_WINDOW=True, DQ_ATOMIC=True),
     "all": dict(IS_VARLEN=True, HAS_SEQSTART=True, HAS_WINDOW=True, HAS_LEFT=True, HAS_SOFTCAP=True, HAS_BIAS=True,
                 SPLIT_GROUP=True,
                 HAS_ALIBI=True, HAS_DROPOUT=True),
@@ -139,11 +140,12 @@ def test_backward_compiles_for_sm90(name, bucket, dims, features):
     cfg_kv, cfg_q = configs.BWD_CONFIGS[bucket], configs.BWD_DQ_CONFIGS[bucket]
     features = dict(features)
     split_group = features.pop("SPLIT_GROUP", False)
+    dq_atomic = features.pop("DQ_ATOMIC", False)
     base = dict(BWD_FLAGS_OFF, **features, **_blocks(*dims))
     dkdv = _compile(bwd_dkdv_kernel, dict(base, BLOCK_M=cfg_kv["BLOCK_M"], BLOCK_N=cfg_kv["BLOCK_N"],
                                           DBIAS_MODE=1 if features.get("HAS_BIAS") else 0,
                                           SPLIT_GROUP=split_group,
-                                          TAIL_Q=features.get("IS_VARLEN", False)),
+                                          TAIL_Q=features.get("IS_VARLEN", False), DQ_ATOMIC=dq_atomic),
                     cfg_kv["num_warps"], cfg_kv["num_stages"])
     dq = _compile(bwd_dq_kernel, dict(base, BLOCK_M=cfg_q["BLOCK_M"], BLOCK_N=cfg_q["BLOCK_N"],
                                       REVERSE_M=features.get("HAS_WINDOW", False)),

@@ -58,7 +58,7 @@ def _assert_fa_close(name, got, ref, ref_lowp, mult, floor, rows=None):
 
 def _dense_case(*, B=2, Sq=37, Sk=45, Hq=4, Hk=2, D=40, Dv=None, causal=False, window=(-1, -1, 0),
                 alibi=None, bias=False, sink=False, softcap=0.0, dropout_p=0.0, dbias=False,
-                dtype=DTYPE, deterministic=False, seed=0, split_group=None):
+                dtype=DTYPE, deterministic=False, seed=0, split_group=None, dq_atomic=False):
     """Forward + backward on dense bshd inputs; returns kernel outputs for extra checks."""
     gen = torch.Generator().manual_seed(seed)
     Dv = Dv or D
@@ -107,7 +107,7 @@ def _dense_case(*, B=2, Sq=37, Sk=45, Hq=4, Hk=2, D=40, Dv=None, causal=False, w
         do, q, k, v, out, lse, softmax_scale=scale, causal=causal, window=window, bias=bias_t,
         sink=sink_t, softcap=softcap, dropout_p=dropout_p, rng_state=rng, dq=dq, dk=dk, dv=dv,
         compute_dbias=dbias, deterministic=deterministic, config=BWD_CFG, split_group=split_group,
-        **extra)
+        dq_atomic=dq_atomic, **extra)
     torch.testing.assert_close(delta, (do.float() * out.float()).sum(-1).transpose(1, 2),
                                atol=fwd_floor * 10, rtol=1e-3)
     o_ref.backward(do.float())
@@ -136,6 +136,10 @@ CASES = {
     "alibi_bh_softcap_sink": dict(D=16, alibi="bh", softcap=2.0, sink=True, causal=True),
     "dqk_ne_dv": dict(D=64, Dv=32, Hq=2, Hk=2, causal=True),
     "mqa": dict(Hq=4, Hk=1, D=16, Sq=33, Sk=33),
+    # dQ by fp32 atomics from the dK/dV kernel (deterministic=False only)
+    "dq_atomic_window_sink_alibi_dropout": dict(D=16, Sq=41, Sk=50, window=(9, 2, 3), alibi="h", sink=True,
+                                                dropout_p=0.2, dq_atomic=True, split_group=False),
+    "dq_atomic_gqa_split_bias": dict(D=40, causal=True, bias=True, dq_atomic=True, split_group=True),
 }
 
 
@@ -285,3 +289,53 @@ def test_no_keys_and_no_queries():
     q0 = _rand(1, 0, 2, 16, gen=gen)
     out0, lse0, _ = flash_fwd(q0, q, q, softmax_scale=0.25, causal=True, config=FWD_CFG)
     assert out0.shape == (1, 0, 2, 16) and lse0.shape == (1, 2, 0)
+
+
+def test_strided_layouts_bhsd_and_sbhd_views():
+    """q/k/v as views of BHSD / SBHD storage (only the head dim is contiguous), out/dq into views."""
+    gen = torch.Generator().manual_seed(51)
+    B, S, Hq, Hk, D = 2, 24, 4, 2, 16
+    q = _rand(B, Hq, S, D, gen=gen).transpose(1, 2)  # BHSD storage
+    k = _rand(S, B, Hk, D, gen=gen).transpose(0, 1)  # SBHD storage
+    v = _rand(B, Hk, S, D, gen=gen).transpose(1, 2)
+    out_store = _nan_like(torch.empty(B, Hq, S, D, dtype=DTYPE, device=DEVICE))
+    out, lse, _ = flash_fwd(q, k, v, softmax_scale=0.25, causal=True, out=out_store.transpose(1, 2),
+                            config=FWD_CFG)
+    o_ref, _, l_ref = attention_ref(q, k, v, softmax_scale=0.25, causal=True)
+    _assert_fa_close("out", out_store.transpose(1, 2), o_ref, o_ref, 2, FLOOR[DTYPE][0])
+    torch.testing.assert_close(lse, l_ref, atol=1e-4, rtol=1e-4)
+    do = _rand(S, B, Hq, D, gen=gen).transpose(0, 1)
+    dq_store = _nan_like(torch.empty(B, Hq, S, D, dtype=DTYPE, device=DEVICE))
+    dq, dk, dv, *_ = flash_bwd(do, q, k, v, out, lse, softmax_scale=0.25, causal=True,
+                               dq=dq_store.transpose(1, 2), config=BWD_CFG)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    attention_ref(*leaves, softmax_scale=0.25, causal=True)[0].backward(do)
+    for name, g, leaf in (("dq", dq_store.transpose(1, 2), leaves[0]), ("dk", dk, leaves[1]), ("dv", dv, leaves[2])):
+        _assert_fa_close(name, g, leaf.grad, leaf.grad, 10, FLOOR[DTYPE][1])
+
+
+def test_varlen_dropout_mask_layout_and_gradients():
+    """Varlen S_dmask is (Hq, Tq, max_seqlen_k); its signs are the keep-mask of the backward."""
+    gen = torch.Generator().manual_seed(61)
+    Hq, Hk, D, p = 2, 1, 16, 0.25
+    cu_q = torch.tensor([0, 9, 30], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 17, 29], dtype=torch.int32, device=DEVICE)
+    q, k, v = _rand(30, Hq, D, gen=gen), _rand(29, Hk, D, gen=gen), _rand(29, Hk, D, gen=gen)
+    rng = torch.tensor([5, 321], dtype=torch.int64, device=DEVICE)
+    kw = dict(softmax_scale=0.25, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=21,
+              max_seqlen_k=17, dropout_p=p, rng_state=rng)
+    out, lse, s_dmask = flash_fwd(q, k, v, return_dropout_mask=True, config=FWD_CFG, **kw)
+    assert s_dmask.shape == (Hq, 30, 17)
+    # columns past a sequence's own key length are never visible
+    assert torch.all(s_dmask[:, 9:, 12:] == 0)
+    keep = dropout_mask_from_s_dmask(s_dmask)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    o_ref, l_ref = attention_ref_varlen(*leaves, cu_q, cu_k, softmax_scale=0.25, causal=True, dropout_p=p,
+                                        dropout_mask=keep)
+    _assert_fa_close("out", out, o_ref, o_ref, 2, FLOOR[DTYPE][0])
+    torch.testing.assert_close(lse, l_ref, atol=1e-4, rtol=1e-4)
+    do = _rand(30, Hq, D, gen=gen)
+    dq, dk, dv, *_ = flash_bwd(do, q, k, v, out, lse, config=BWD_CFG, **kw)
+    o_ref.backward(do)
+    for name, g, leaf in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves):
+        _assert_fa_close(name, g, leaf.grad, leaf.grad, 10, FLOOR[DTYPE][1])

@@ -10,6 +10,8 @@ in a fixed order when deterministic=True.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -87,9 +89,11 @@ def _dkdv_segment(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                   MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                   DBIAS_MODE: tl.constexpr, PAD_QK: tl.constexpr, PAD_V: tl.constexpr,
-                  BLOCK_M: tl.constexpr, HAS_LEFT: tl.constexpr):
+                  BLOCK_M: tl.constexpr, HAS_LEFT: tl.constexpr,
+                  dq_base, stride_dqm, softmax_scale, DQ_ATOMIC: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [start, end); tiles are transposed
-    (keys x queries) so P^T and dS^T feed the matmuls without a layout change."""
+    (keys x queries) so P^T and dS^T feed the matmuls without a layout change. DQ_ATOMIC: also
+    add this key block's share of dQ into an fp32 buffer with atomics (no dQ kernel)."""
     cols = offs_n[:, None]  # key index j, along dim 0
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -148,15 +152,22 @@ def _dkdv_segment(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
             t = tanh_f32(qkT * softcap_inv_scale)
             dsT = dsT * (1.0 - t * t)
         dk = tl.dot(dsT.to(q.dtype), q, dk)
+        if DQ_ATOMIC:
+            # key columns past seqlen_k were loaded as zeros but must not add NaN/inf products
+            dsT_k = tl.where(cols < seqlen_k, dsT, 0.0).to(k.dtype)
+            dq_part = tl.dot(tl.trans(dsT_k), k) * softmax_scale
+            dq_ptrs = dq_base + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_dqk[None, :]
+            tl.atomic_add(dq_ptrs, dq_part, mask=(offs_m < seqlen_q)[:, None] & (offs_dqk < D_QK)[None, :])
     return dk, dv
 
 
 @triton.jit
 def bwd_dkdv_kernel(
-    Q, K, V, dO, Lse, Delta, dK, dV, DBias,
+    Q, K, V, dO, Lse, Delta, dK, dV, DBias, DQacc,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
     stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+    stride_dqab, stride_dqam, stride_dqah,
     stride_lb, stride_lh, stride_lm,
     cu_seqlens_q, cu_seqlens_k, seqstart_q, seqstart_k,
     alibi, stride_ab, bias, stride_bias_m, stride_dbias_bh, stride_dbias_m,
@@ -170,7 +181,7 @@ def bwd_dkdv_kernel(
     IS_VARLEN: tl.constexpr, HAS_SEQSTART: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, DBIAS_MODE: tl.constexpr,
-    SPLIT_GROUP: tl.constexpr, TAIL_Q: tl.constexpr,
+    SPLIT_GROUP: tl.constexpr, TAIL_Q: tl.constexpr, DQ_ATOMIC: tl.constexpr,
 ):
     """One key block of one kv head; loops over the query heads of its group, or with
     SPLIT_GROUP handles one query head and writes its share into a per-query-head (fp32)
@@ -242,6 +253,7 @@ def bwd_dkdv_kernel(
         philox_base = 0
         if HAS_DROPOUT:
             philox_base = tl.load(rng_state + 1) + ((b64 * num_heads_q + h) * dmask_rows + q_row0) * dmask_cols
+        dq_base = DQacc + b64 * stride_dqab + q_row0.to(tl.int64) * stride_dqam + h * stride_dqah
         dbias_base = DBias
         if DBIAS_MODE == 2:
             dbias_base = DBias + (b64 * num_heads_q + h) * stride_dbias_bh
@@ -252,7 +264,7 @@ def bwd_dkdv_kernel(
             bias, stride_bias_m, slope_log2, dbias_base, stride_dbias_m,
             seed, philox_base, dmask_cols, dropout_p, D_QK, D_V,
             True, HAS_WINDOW, HAS_SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DBIAS_MODE,
-            PAD_QK, PAD_V, BLOCK_M, HAS_LEFT)
+            PAD_QK, PAD_V, BLOCK_M, HAS_LEFT, dq_base, stride_dqam, softmax_scale, DQ_ATOMIC)
         dk, dv = _dkdv_segment(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, stride_lm,
             full_lo, full_hi, offs_n, offs_mb, offs_dqk, offs_dv, seqlen_q, seqlen_k, diag_off,
@@ -260,7 +272,7 @@ def bwd_dkdv_kernel(
             bias, stride_bias_m, slope_log2, dbias_base, stride_dbias_m,
             seed, philox_base, dmask_cols, dropout_p, D_QK, D_V,
             False, HAS_WINDOW, HAS_SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DBIAS_MODE,
-            PAD_QK, PAD_V, BLOCK_M, HAS_LEFT)
+            PAD_QK, PAD_V, BLOCK_M, HAS_LEFT, dq_base, stride_dqam, softmax_scale, DQ_ATOMIC)
         if TAIL_Q:
             dk, dv = _dkdv_segment(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, stride_lm,
@@ -269,7 +281,7 @@ def bwd_dkdv_kernel(
                 bias, stride_bias_m, slope_log2, dbias_base, stride_dbias_m,
                 seed, philox_base, dmask_cols, dropout_p, D_QK, D_V,
                 True, HAS_WINDOW, HAS_SOFTCAP, HAS_BIAS, HAS_ALIBI, HAS_DROPOUT, DBIAS_MODE,
-                PAD_QK, PAD_V, BLOCK_M, HAS_LEFT)
+                PAD_QK, PAD_V, BLOCK_M, HAS_LEFT, dq_base, stride_dqam, softmax_scale, DQ_ATOMIC)
 
     dk = dk * softmax_scale
     row_ok = (offs_n < seqlen_k)[:, None]
@@ -452,11 +464,14 @@ def flash_bwd(do, q, k, v, out, lse, *, softmax_scale: float, causal: bool, wind
               seqstart_q=None, seqstart_k=None, alibi_slopes=None, bias=None, sink=None,
               softcap: float = 0.0, dropout_p: float = 0.0, rng_state=None,
               deterministic: bool = False, dq=None, dk=None, dv=None, compute_dbias: bool = False,
-              config: dict | None = None, split_group: bool | None = None):
+              config: dict | None = None, split_group: bool | None = None, dq_atomic: bool | None = None):
     """Gradients of flash_fwd. Returns (dq, dk, dv, delta, dsink or None, dbias or None).
 
     ``split_group`` (GQA): None picks by occupancy; True = one dK/dV program per query head
     plus a host-side sum over the group, False = one program per kv head looping over its group.
+    ``dq_atomic`` (only with deterministic=False; None reads AITER_MHA_DQ_ATOMIC, default off):
+    the dK/dV kernel also accumulates dQ with fp32 atomics and the dQ kernel is skipped (fewer
+    matmuls, not bitwise reproducible).
 
     dq/dk/dv are always bitwise reproducible (no atomics); ``deterministic`` only changes how
     dbias is reduced. No paged KV and no fp8 here.
@@ -563,17 +578,23 @@ def flash_bwd(do, q, k, v, out, lse, *, softmax_scale: float, causal: bool, wind
     else:
         dk_out, dv_out = dk, dv
     grid_kv = (n_blocks, hq if split_group else hk, batch)
+    if dq_atomic is None:
+        dq_atomic = os.environ.get("AITER_MHA_DQ_ATOMIC", "0") == "1"
+    dq_atomic = bool(dq_atomic) and not deterministic
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev) if dq_atomic else None
     bwd_dkdv_kernel[grid_kv](
         q, k, v, do, lse, delta, dk_out, dv_out, dbias_buf if dbias_buf is not None else dummy,
+        dq_acc if dq_acc is not None else dummy,
         *p["q_strides"], *p["k_strides"], *p["v_strides"], *_strides3(do, varlen),
-        *_strides3(dk_out, varlen), *_strides3(dv_out, varlen), *l_strides,
+        *_strides3(dk_out, varlen), *_strides3(dv_out, varlen),
+        *(_strides3(dq_acc, varlen) if dq_acc is not None else (0, 0, 0)), *l_strides,
         cu_q, cu_k, st_q, st_k,
         alibi_arg, stride_ab, bias_arg, stride_bias_m,
         dbias_buf.stride(0) if dbias_mode == 2 else 0,
         dbias_buf.stride(-2) if dbias_buf is not None else 0,
         rng, float(dropout_p), *scalars_tail,
         BLOCK_M=cfg_kv["BLOCK_M"], BLOCK_N=cfg_kv["BLOCK_N"], DBIAS_MODE=dbias_mode,
-        SPLIT_GROUP=split_group,
+        SPLIT_GROUP=split_group, DQ_ATOMIC=dq_atomic,
         # the masked tail loop over query blocks is needed only for a left bound or ragged rows
         TAIL_Q=varlen or win_left != UNBOUNDED or p["max_sq"] % cfg_kv["BLOCK_M"] != 0,
         num_warps=cfg_kv["num_warps"], num_stages=cfg_kv["num_stages"], **common_flags,
@@ -582,17 +603,20 @@ def flash_bwd(do, q, k, v, out, lse, *, softmax_scale: float, causal: bool, wind
         # fixed summation order over the group: still bitwise reproducible
         dk.copy_(dk_out.unflatten(-2, (hk, p["group"])).sum(-2))
         dv.copy_(dv_out.unflatten(-2, (hk, p["group"])).sum(-2))
-    grid_q = (triton.cdiv(p["max_sq"], cfg_q["BLOCK_M"]), hq, batch)
-    bwd_dq_kernel[grid_q](
-        q, k, v, do, lse, delta, dq,
-        *p["q_strides"], *p["k_strides"], *p["v_strides"], *_strides3(do, varlen),
-        *_strides3(dq, varlen), *l_strides,
-        cu_q, cu_k, st_q, st_k,
-        alibi_arg, stride_ab, bias_arg, stride_bias_m,
-        rng, float(dropout_p), *scalars_tail,
-        BLOCK_M=cfg_q["BLOCK_M"], BLOCK_N=cfg_q["BLOCK_N"], REVERSE_M=has_window,
-        num_warps=cfg_q["num_warps"], num_stages=cfg_q["num_stages"], **common_flags,
-    )
+    if dq_atomic:
+        dq.copy_(dq_acc)  # dQ was accumulated by the dK/dV kernel
+    else:
+        grid_q = (triton.cdiv(p["max_sq"], cfg_q["BLOCK_M"]), hq, batch)
+        bwd_dq_kernel[grid_q](
+            q, k, v, do, lse, delta, dq,
+            *p["q_strides"], *p["k_strides"], *p["v_strides"], *_strides3(do, varlen),
+            *_strides3(dq, varlen), *l_strides,
+            cu_q, cu_k, st_q, st_k,
+            alibi_arg, stride_ab, bias_arg, stride_bias_m,
+            rng, float(dropout_p), *scalars_tail,
+            BLOCK_M=cfg_q["BLOCK_M"], BLOCK_N=cfg_q["BLOCK_N"], REVERSE_M=has_window,
+            num_warps=cfg_q["num_warps"], num_stages=cfg_q["num_stages"], **common_flags,
+        )
     if compute_dbias:
         dbias = dbias_buf.sum(dim=0) if dbias_mode == 2 else dbias_buf
     return dq, dk, dv, delta, dsink, dbias
