@@ -15,8 +15,11 @@ import os
 
 import triton
 
-# Chosen from sm_90 cross-compiles (ptxas register / spill report, shared-memory size) with
-# Triton 3.9; not yet timed on the H100 (tests/gpu/test_gpu_kernels.py --bench --sweep does that).
+# First chosen from sm_90 cross-compiles (ptxas register / spill report, shared-memory size), then
+# the d=128 entries re-picked from a timed sweep on the H100 (Triton 3.6, b2 h16 d128 bf16,
+# s=4k/8k/16k; tests/gpu/test_gpu_kernels.py --bench --sweep; /work notes in the README's
+# benchmark section): BLOCK_N 128 / 8 warps / 3 stages won both non-causal (453 vs 416 TFLOP/s
+# at s=8k) and causal (417 vs 369) although it spills a little on the masked diagonal.
 # Forward: BLOCK_M 128 with 8 warps = two Hopper warpgroups of 64 query rows each (wgmma M=64).
 # Non-causal d<=128 takes BLOCK_N 128 (no spills, <=164 KB smem at 2 stages for d128; 3 stages
 # would need 224 KB, too close to the 227 KB limit to be safe across Triton versions).
@@ -24,7 +27,7 @@ FWD_CONFIGS = {
     "DEFAULT": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
     32: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
     64: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-    128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
     256: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
 }
 # Causal / windowed: the masked diagonal blocks raise register pressure (BLOCK_N 128 spills at d128).
@@ -32,7 +35,7 @@ FWD_MASKED_CONFIGS = {
     "DEFAULT": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
     32: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
     256: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
 }
 # Philox dropout adds ~60 registers per tile element group: BLOCK_N 64 (128 spills kilobytes).
@@ -55,18 +58,20 @@ FWD_FP8_CONFIGS = {
 # queries per step; dK and dV accumulators (2 x 128 x D fp32) dominate the registers, so the
 # query step stays small (32; d256 needs 16 and still spills a little). dQ kernel: 128 query
 # rows, 64 keys per step (no spills up to d128).
+# d=128 timed on the H100: dK/dV 3 stages 347 vs 299 TFLOP/s (non-causal s=8k); dQ 3 stages
+# 318-334 vs 287-307.
 BWD_CONFIGS = {
     "DEFAULT": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
     32: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
     64: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
-    128: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+    128: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
     256: dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
 }
 BWD_DQ_CONFIGS = {
     "DEFAULT": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
     32: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
     64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
 }
 
@@ -86,17 +91,23 @@ def _env_override(name: str):
 
 
 def fwd_config(d_qk: int, d_v: int, *, is_fp8: bool = False, dropout: bool = False,
-               causal: bool = False) -> dict:
+               causal: bool = False, has_bias: bool = False) -> dict:
     override = _env_override("AITER_MHA_FWD_CONFIG")
     if override:
         return override
     if is_fp8:
-        return _pick(FWD_FP8_CONFIGS, d_qk, d_v)
-    if dropout:
-        return _pick(FWD_DROPOUT_CONFIGS, d_qk, d_v)
-    if causal:
-        return _pick(FWD_MASKED_CONFIGS, d_qk, d_v)
-    return _pick(FWD_CONFIGS, d_qk, d_v)
+        cfg = _pick(FWD_FP8_CONFIGS, d_qk, d_v)
+    elif dropout:
+        cfg = _pick(FWD_DROPOUT_CONFIGS, d_qk, d_v)
+    elif causal:
+        cfg = _pick(FWD_MASKED_CONFIGS, d_qk, d_v)
+    else:
+        cfg = _pick(FWD_CONFIGS, d_qk, d_v)
+    if has_bias:
+        # the bias tile (BLOCK_M x BLOCK_N) is pipelined through shared memory too: a third stage
+        # of it no longer fits at d128 / BLOCK_N 128 (262144 > 232448 bytes)
+        cfg["num_stages"] = min(cfg["num_stages"], 2)
+    return cfg
 
 
 def split_bwd_config(config: dict) -> tuple[dict | None, dict | None]:

@@ -456,7 +456,7 @@ def flash_fwd(q, k, v, *, softmax_scale: float, causal: bool, window=(-1, -1, 0)
         stride_ab = alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0
 
     cfg = dict(config) if config else fwd_config(p["d_qk"], p["d_v"], is_fp8=is_fp8, dropout=has_dropout,
-                                                 causal=has_window)
+                                                 causal=has_window, has_bias=bias is not None)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     grid = (triton.cdiv(p["max_sq"], block_m), hq, batch)
     if 0 in grid:  # nothing to compute (no queries, heads or sequences)
