@@ -102,6 +102,13 @@ def _make_providers(names, causal: bool):
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+            import torch._dynamo
+
+            # one compile per shape: past dynamo's recompile limit (8) flex_attention silently
+            # falls back to eager, which materialises the whole score matrix (and times that)
+            for limit in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, limit):
+                    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 1024))
             compiled = torch.compile(flex_attention, dynamic=False)
             masks = {}
 
