@@ -1,0 +1,267 @@
+"""Benchmark CLI: ``python -m aiter_mla.bench [--quick] [--sweep] [--out DIR]`` (also ``aiter bench mla``).
+
+The three shapes of issue 6 (absorbed decode, ``kv_lora_rank`` 512 + rope 64, one query token,
+page 64, shuffled pages):
+
+* ``mem``: b=128, h=16, context 4096, bf16 (memory-bound; target >= 2.4 TB/s);
+* ``compute``: b=128, h=128, context 4096, bf16 (compute-bound; target >= 350 TFLOP/s);
+* ``fp8``: the ``mem`` shape with an fp8 (e4m3) KV cache (target >= 1.5x faster than ``mem``).
+
+Providers, measured in the same run: ``aiter-triton`` (``mla_decode_fwd``, automatic splits),
+``aiter-persistent`` (metadata + persistent decode + reduce), and two PyTorch formulations of the
+same absorbed attention on a contiguous copy of the KV rows: ``torch-matmul`` (bmm, fp32
+softmax, bmm) and ``torch-sdpa`` (``scaled_dot_product_attention`` with the query heads as the
+query sequence of one head). FLOPs ``2*b*h*s_q*ctx*(576+512)`` and bytes (Q + KV rows once + O)
+as in spec/anchors.md; the copy/matmul ceilings from ``aiter_core.bench``. Every provider is
+checked against the reference once before timing.
+
+``--sweep`` also times launch configs (heads per CTA incl. padding, BLOCK_N, warps, stages,
+splits) of the Triton kernel per shape and reports the best: the data for tuning
+``aiter_mla.triton.launch.decode_config``.
+
+Writes a terminal table and ``<stem>.json`` / ``.md`` / ``.png`` into ``--out``. Without a GPU it
+runs the family's smoke test instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+SHAPES = {
+    "mem": dict(batch=128, heads=16, ctx=4096, kv="bf16"),
+    "compute": dict(batch=128, heads=128, ctx=4096, kv="bf16"),
+    "fp8": dict(batch=128, heads=16, ctx=4096, kv="fp8"),
+}
+PROVIDERS = ("aiter-triton", "aiter-persistent", "torch-matmul", "torch-sdpa")
+LORA, ROPE, PAGE = 512, 64, 64
+# where and in what the run happens; tests swap these for a CPU dry run under the interpreter
+DEVICE = "cuda"
+ACT = "bfloat16"
+TARGETS = {"mem": ("tbps", 2.4), "compute": ("tflops", 350.0)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m aiter_mla.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="mem,compute,fp8", help="comma list of mem, compute, fp8")
+    p.add_argument("--quick", action="store_true", help="batch 32 instead of 128 (smoke timing)")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"subset of {','.join(PROVIDERS)}")
+    p.add_argument("--sweep", action="store_true", help="also time Triton launch configs per shape")
+    p.add_argument("--no-ceilings", action="store_true", help="skip measuring the copy/matmul ceilings")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default ./aiter-mla-bench)")
+    p.add_argument("--stem", default="mla", help="output file stem (default mla)")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    args.shapes = tuple(s for s in args.shapes.split(",") if s)
+    bad = [s for s in args.shapes if s not in SHAPES]
+    if bad:
+        p.error(f"unknown shape(s) {bad}; choose from {', '.join(SHAPES)}")
+    args.providers = tuple(s for s in args.providers.split(",") if s)
+    bad = [s for s in args.providers if s not in PROVIDERS]
+    if bad:
+        p.error(f"unknown provider(s) {bad}; choose from {', '.join(PROVIDERS)}")
+    return args
+
+
+def _make(shape: dict, quick: bool):
+    import torch
+
+    from .testing import make_paged_case
+
+    batch = 32 if quick else shape["batch"]
+    fp8 = shape["kv"] == "fp8"
+    case = make_paged_case(batch=batch, heads=shape["heads"], kv_lens=shape["ctx"], q_lens=1, page_size=PAGE,
+                           kv_lora_rank=LORA, rope=ROPE, dtype=getattr(torch, ACT),
+                           kv_dtype=torch.float32 if fp8 else getattr(torch, ACT), seed=0, device=DEVICE)
+    kv_scale = None
+    if fp8:
+        kv_scale = (case.kv.abs().amax() / 448.0).reshape(1).float()
+        case.kv = (case.kv / kv_scale).to(torch.float8_e4m3fn)
+    return case, kv_scale
+
+
+def _contiguous_kv(case, kv_scale):
+    """[b, ctx, 576] bf16 rows of every sequence (the peers' input: no paging)."""
+    import torch
+
+    pages = case.kv_indices.long().view(len(case.kv_lens), -1)
+    rows = case.kv[pages].reshape(pages.shape[0], -1, case.kv.shape[-1])[:, : case.kv_lens[0]]
+    rows = rows.float() * kv_scale if kv_scale is not None else rows
+    return rows.to(getattr(torch, ACT)).contiguous()
+
+
+def _sync() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _refcheck(name: str, got, want, atol: float = 3e-2) -> None:
+    err = (got.float() - want.float()).abs().max().item()
+    if not err <= atol:
+        raise AssertionError(f"{name}: differs from the reference by {err:.3g} (tolerance {atol}); not timing it")
+
+
+def _providers(case, kv_scale, scale, heads, names):
+    """{name: zero-arg callable} plus each one's output for the refcheck."""
+    import torch
+    import torch.nn.functional as F
+
+    from . import api
+
+    total_q = case.q.shape[0]
+    fns = {}
+    if "aiter-triton" in names:
+        o = torch.empty(total_q, heads, LORA, dtype=getattr(torch, ACT), device=DEVICE)
+        fns["aiter-triton"] = (lambda: api.mla_decode_fwd(
+            case.q, case.kv, o, case.qo_indptr, case.kv_indptr, case.kv_indices, case.kv_last_page_lens, 1,
+            page_size=PAGE, sm_scale=scale, kv_scale=kv_scale), o)
+    if "aiter-persistent" in names:
+        o_p = torch.empty(total_q, heads, LORA, dtype=getattr(torch, ACT), device=DEVICE)
+        batch = len(case.kv_lens)
+        info = api.get_mla_metadata_info_v1(batch, 1, heads, case.q.dtype, case.kv.dtype, is_sparse=False)
+        meta, w_ind, w_info, r_ind, r_final, r_part = [torch.empty(s, dtype=d, device=DEVICE) for s, d in info]
+        api.get_mla_metadata_v1(case.qo_indptr, case.kv_indptr, case.kv_last_page_lens, heads, 1, True, meta, w_info,
+                                w_ind, r_ind, r_final, r_part, page_size=PAGE, max_seqlen_qo=1)
+        fns["aiter-persistent"] = (lambda: api.mla_decode_fwd(
+            case.q, case.kv, o_p, case.qo_indptr, case.kv_indptr, case.kv_indices, case.kv_last_page_lens, 1,
+            page_size=PAGE, sm_scale=scale, kv_scale=kv_scale, work_meta_data=meta, work_indptr=w_ind,
+            work_info_set=w_info, reduce_indptr=r_ind, reduce_final_map=r_final, reduce_partial_map=r_part), o_p)
+    if "torch-matmul" in names or "torch-sdpa" in names:
+        rows = _contiguous_kv(case, kv_scale)  # [b, ctx, 576]
+        q3 = case.q.view(len(case.kv_lens), heads, -1)  # one query token per sequence
+        out_m = torch.empty(q3.shape[0], heads, LORA, dtype=getattr(torch, ACT), device=DEVICE)
+
+        def matmul():
+            s = torch.bmm(q3, rows.transpose(1, 2)).float() * scale
+            p = torch.softmax(s, dim=-1).to(getattr(torch, ACT))
+            torch.bmm(p, rows[..., :LORA], out=out_m)
+
+        if "torch-matmul" in names:
+            fns["torch-matmul"] = (matmul, out_m.view(total_q, heads, LORA))
+        if "torch-sdpa" in names:
+            out_s = {}
+
+            def sdpa():
+                out_s["o"] = F.scaled_dot_product_attention(q3.unsqueeze(1), rows.unsqueeze(1),
+                                                            rows[..., :LORA].unsqueeze(1), scale=scale)
+
+            fns["torch-sdpa"] = (sdpa, out_s)
+    return fns
+
+
+def _sweep_configs(heads: int):
+    """Heads per CTA (the natural tiling, and padded to 32/64 rows: 64 rows use wgmma), BLOCK_N,
+    warps, and the KV pipelining: Triton's cp.async pipeline (2 or 3 stages) or register
+    double buffering (``prefetch``, 1 stage). About 30 configs; the split count is a runtime
+    argument, so splits > 1 share one compile. Configs that do not fit fail and are skipped."""
+    from .triton.launch import TileConfig, tiling
+
+    block_h, _ = tiling(heads, 1)
+    pipelines = ((2, 0), (3, 0), (1, 1))  # (num_stages, prefetch)
+    for bh in sorted({block_h, 32, 64}):
+        if bh >= 64:  # 64 x 512 fp32 accumulator: 8 warps (4 spill heavily)
+            grid = itertools.product((16, 32), (8,), pipelines)
+        else:
+            grid = itertools.product((32, 64), (4, 8), pipelines)
+        for bn, warps, (stages, prefetch) in grid:
+            yield TileConfig(bh, 1, bn, warps, stages, 1, prefetch)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        from .smoke import run
+
+        print("no GPU: timing needs a device; running the aiter-mla smoke test instead", file=sys.stderr)
+        print(run())
+        return 0
+
+    from aiter_core.bench import BenchRun, measure_ceilings, median_ms, mla_decode_bytes, mla_decode_flops, progress
+
+    from .reference import mla_decode_ref
+    from .triton import launch
+
+    run = BenchRun.start("mla", argv=None if argv is None else ["python -m aiter_mla.bench", *argv])
+    if not args.no_ceilings:
+        run.ceilings = measure_ceilings(DEVICE)
+    scale = 1.0 / (192 ** 0.5)
+    summary = {}
+    for shape_name in progress(args.shapes, "mla shapes", quiet=args.quiet):
+        shape = SHAPES[shape_name]
+        case, kv_scale = _make(shape, args.quick)
+        heads, batch, ctx = shape["heads"], len(case.kv_lens), shape["ctx"]
+        kv_bytes = 1 if shape["kv"] == "fp8" else 2
+        flops = mla_decode_flops(batch, heads, 1, ctx)
+        nbytes = mla_decode_bytes(batch, heads, 1, [ctx] * batch, q_bytes=2, kv_bytes=kv_bytes, o_bytes=2)
+        ref_o, _ = mla_decode_ref(case.q, case.kv, case.qo_indptr, case.kv_indptr, case.kv_indices,
+                                  case.kv_last_page_lens, kv_lora_rank=LORA, page_size=PAGE, sm_scale=scale,
+                                  kv_scale=kv_scale)
+        params = dict(shape=shape_name, b=batch, h=heads, ctx=ctx, page=PAGE, kv=shape["kv"])
+        for name, (fn, out) in _providers(case, kv_scale, scale, heads, args.providers).items():
+            try:
+                fn()
+                _sync()
+                got = out["o"].view(batch, heads, LORA) if isinstance(out, dict) else out
+                _refcheck(name, got.reshape(ref_o.shape), ref_o)
+                ms = median_ms(fn)
+                row = run.add("mla_decode", name, ms, flops=flops, nbytes=nbytes, **params)
+                if name == "aiter-triton":
+                    summary[shape_name] = row
+            except Exception as exc:  # a peer that cannot run this case is reported, not fatal
+                run.add("mla_decode", name, None, error=f"{type(exc).__name__}: {str(exc)[:120]}", **params)
+        if args.sweep:
+            o = torch.empty(batch, heads, LORA, dtype=getattr(torch, ACT), device=DEVICE)
+            best = None
+            for cfg in _sweep_configs(heads):
+                for splits in (1, 2, 4, 8):
+                    po = torch.empty(batch, splits, heads, LORA, dtype=torch.float32, device=DEVICE)
+                    pl = torch.empty(batch, splits, heads, dtype=torch.float32, device=DEVICE)
+
+                    def fn(cfg=cfg, splits=splits, po=po, pl=pl):
+                        launch.attention(case.q, case.kv, o, qo_indptr=case.qo_indptr, max_seqlen_q=1, table_mode=0,
+                                         page_size=PAGE, d_nope=LORA, sm_scale=scale, causal=True,
+                                         kv_indptr=case.kv_indptr, kv_indices=case.kv_indices,
+                                         kv_last_page_lens=case.kv_last_page_lens, kv_scale=kv_scale,
+                                         num_splits=splits, partial_o=po, partial_lse=pl, config=cfg)
+                    label = (f"sweep BH{cfg.BLOCK_H} BN{cfg.BLOCK_N} w{cfg.num_warps} st{cfg.num_stages} "
+                             f"pf{cfg.prefetch} S{splits}")
+                    try:
+                        fn()
+                        _sync()
+                        _refcheck(label, o, ref_o)
+                        ms = median_ms(fn, warmup=5, rep=20)
+                    except Exception as exc:
+                        print(f"{shape_name} {label}: {type(exc).__name__}: {str(exc)[:100]}", file=sys.stderr)
+                        continue
+                    if best is None or ms < best[0]:
+                        best = (ms, label)
+            if best is not None:
+                run.add("mla_decode", f"best-{best[1]}", best[0], flops=flops, nbytes=nbytes, **params)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    targets = {}
+    if "mem" in summary and summary["mem"].get("tbps"):
+        targets["mem_tbps"] = {"got": summary["mem"]["tbps"], "target": 2.4}
+    if "compute" in summary and summary["compute"].get("tflops"):
+        targets["compute_tflops"] = {"got": summary["compute"]["tflops"], "target": 350.0}
+    if "mem" in summary and "fp8" in summary and summary["mem"].get("ms") and summary["fp8"].get("ms"):
+        targets["fp8_speedup_over_bf16"] = {"got": summary["mem"]["ms"] / summary["fp8"]["ms"], "target": 1.5}
+    run.metadata["targets"] = targets
+    run.print_table()
+    for key, value in targets.items():
+        verdict = "meets" if value["got"] >= value["target"] else "MISSES"
+        print(f"{key}: {value['got']:.3g} ({verdict} the target {value['target']})")
+    out = args.out or Path("aiter-mla-bench")
+    written = run.write_all(out, args.stem)
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Triton kernels of aiter-mla (see attention.py, launch.py, rope.py, cache.py)."""

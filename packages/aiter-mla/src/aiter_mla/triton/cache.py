@@ -1,0 +1,206 @@
+"""MLA cache writes in Triton: ``concat_and_cache_mla`` and the fused RoPE + cache ops.
+
+One program per token (``program_id(0)``); the second grid axis walks blocks of query heads,
+and its last index writes the token's cache row. Slots < 0 are skipped. fp8 caches store
+``x / scale`` (clamped to the type's range); the RoPE formula is :mod:`.rope`'s.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import next_pow2
+from .rope import rope_indices
+
+Tensor = torch.Tensor
+BLOCK_HQ = 16
+
+
+@triton.jit
+def _to_store(x, scale, FP8: tl.constexpr, FP8_MAX: tl.constexpr, dtype):
+    if FP8:
+        x = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+    return x.to(dtype)
+
+
+@triton.jit
+def _rope_row(ptr, offs, ok, cos_row, sin_row, ROT: tl.constexpr, IS_NEOX: tl.constexpr, COS_FULL: tl.constexpr):
+    """Rotated values (fp32) of the ``ROT``-wide segment at ``ptr`` (``offs``: 1-D or [rows, cols])."""
+    partner, col, sign = rope_indices(offs, ROT, IS_NEOX, COS_FULL)
+    x = tl.load(ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    xp = tl.load(ptr + partner, mask=ok, other=0.0).to(tl.float32)
+    c = tl.load(cos_row + col, mask=ok, other=1.0).to(tl.float32)
+    s = tl.load(sin_row + col, mask=ok, other=0.0).to(tl.float32)
+    return x * c + sign * xp * s
+
+
+@triton.jit
+def _concat_cache_kernel(
+    KVC, stride_ct, KPE, stride_pt, Cache, stride_cb, stride_cs, slots, scale, block_size,
+    LORA: tl.constexpr, PE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
+    FP8: tl.constexpr, FP8_MAX: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slots + t).to(tl.int64)
+    live = slot >= 0
+    row = Cache + (slot // block_size) * stride_cb + (slot % block_size) * stride_cs
+    s = tl.load(scale) if FP8 else 1.0
+    offs_l = tl.arange(0, BLOCK_L)
+    ml = offs_l < tl.where(live, LORA, 0)  # (a scalar & vector mask trips the interpreter)
+    x = tl.load(KVC + t * stride_ct + offs_l, mask=ml, other=0.0).to(tl.float32)
+    tl.store(row + offs_l, _to_store(x, s, FP8, FP8_MAX, Cache.dtype.element_ty), mask=ml)
+    offs_p = tl.arange(0, BLOCK_P)
+    mp = offs_p < tl.where(live, PE, 0)
+    y = tl.load(KPE + t * stride_pt + offs_p, mask=mp, other=0.0).to(tl.float32)
+    tl.store(row + LORA + offs_p, _to_store(y, s, FP8, FP8_MAX, Cache.dtype.element_ty), mask=mp)
+
+
+def _fp8_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max) if (dtype.itemsize == 1 and dtype.is_floating_point) else 0.0
+
+
+def _cache_rows(kv_cache: Tensor) -> tuple[int, int, int]:
+    """(block stride, slot-in-block stride, block size) of ``[nb, bs, D]`` / ``[nb, bs, 1, D]`` /
+    ``[rows, 1, D]``-as-``[rows, D]`` caches."""
+    return kv_cache.stride(0), kv_cache.stride(1), kv_cache.shape[1]
+
+
+def concat_and_cache(kv_c: Tensor, k_pe: Tensor, kv_cache: Tensor, slot_mapping: Tensor, scale: Optional[Tensor]):
+    tokens = slot_mapping.shape[0]
+    if tokens == 0:
+        return
+    lora, pe = kv_c.shape[-1], k_pe.shape[-1]
+    kvc = kv_c.reshape(tokens, lora)
+    kpe = k_pe.reshape(tokens, pe)
+    fp8 = _fp8_max(kv_cache.dtype) > 0
+    sb, ss, bs = _cache_rows(kv_cache)
+    one = torch.ones(1, dtype=torch.float32, device=kv_cache.device)
+    _concat_cache_kernel[(tokens,)](
+        kvc, kvc.stride(0), kpe, kpe.stride(0), kv_cache, sb, ss, slot_mapping, scale if scale is not None else one, bs,
+        LORA=lora, PE=pe, BLOCK_L=next_pow2(lora), BLOCK_P=next_pow2(pe), FP8=fp8, FP8_MAX=_fp8_max(kv_cache.dtype),
+        num_warps=4,
+    )
+
+
+@triton.jit
+def _fused_rope_cache_kernel(
+    QN, s_qn_t, s_qn_h, QP, s_qp_t, s_qp_h,
+    KN, s_kn_t, s_kn_h, KP, s_kp_t, s_kp_h,
+    QOut, s_qo_t, s_qo_h, KPOut, s_kpo_t, s_kpo_h, DQP, s_dqp_t, s_dqp_h, n_dq,
+    Cache, s_cb, s_cs, s_ch, block_size, slots,
+    pos, cos, sin, s_cos, q_scale, k_scale,
+    n_q, n_k, q_heads, k_heads,
+    D1: tl.constexpr, D2: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, BLOCK_HQ: tl.constexpr,
+    IS_NEOX: tl.constexpr, COS_FULL: tl.constexpr, NOPE_FIRST: tl.constexpr,
+    Q_FP8: tl.constexpr, K_FP8: tl.constexpr, Q_FP8_MAX: tl.constexpr, K_FP8_MAX: tl.constexpr,
+    HAS_KPE_OUT: tl.constexpr, HAS_DQP: tl.constexpr,
+):
+    """Token ``program_id(0)``; axis 1: query-head blocks, then (last index) the KV side:
+    cache row ``cat(k_nope, rope(k_pe))`` (order by ``NOPE_FIRST``) and ``k_pe_out``."""
+    t = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    p = tl.load(pos + t).to(tl.int64)
+    cos_row = cos + p * s_cos
+    sin_row = sin + p * s_cos
+    o1 = tl.arange(0, B1)
+    o2 = tl.arange(0, B2)
+    if NOPE_FIRST:
+        first_off = 0
+        pe_off = D1
+    else:
+        first_off = D2
+        pe_off = 0
+    if part < tl.num_programs(1) - 1:
+        heads = part * BLOCK_HQ + tl.arange(0, BLOCK_HQ)
+        h_ok = heads < tl.where(t < n_q, q_heads, 0)
+        hh = heads[:, None].to(tl.int64)
+        m1 = h_ok[:, None] & (o1 < D1)[None, :]
+        m2 = h_ok[:, None] & (o2 < D2)[None, :]
+        qs = tl.load(q_scale) if Q_FP8 else 1.0
+        xn = tl.load(QN + t * s_qn_t + hh * s_qn_h + o1[None, :], mask=m1, other=0.0).to(tl.float32)
+        xr = _rope_row(QP + t * s_qp_t + hh * s_qp_h, o2[None, :], m2, cos_row, sin_row, D2, IS_NEOX, COS_FULL)
+        qo = QOut + t * s_qo_t + hh * s_qo_h
+        tl.store(qo + first_off + o1[None, :], _to_store(xn, qs, Q_FP8, Q_FP8_MAX, QOut.dtype.element_ty), mask=m1)
+        tl.store(qo + pe_off + o2[None, :], _to_store(xr, qs, Q_FP8, Q_FP8_MAX, QOut.dtype.element_ty), mask=m2)
+        if HAS_DQP:
+            md = m2 & (heads[:, None] < tl.where(t < n_dq, q_heads, 0))
+            tl.store(DQP + t * s_dqp_t + hh * s_dqp_h + o2[None, :], xr.to(DQP.dtype.element_ty), mask=md)
+    else:
+        slot = tl.load(slots + t, mask=t < n_k, other=-1).to(tl.int64)
+        heads = tl.arange(0, BLOCK_HQ)
+        h_ok = heads < tl.where(t < n_k, k_heads, 0)
+        hh = heads[:, None].to(tl.int64)
+        m1 = h_ok[:, None] & (o1 < D1)[None, :]
+        m2 = h_ok[:, None] & (o2 < D2)[None, :]
+        ks = tl.load(k_scale) if K_FP8 else 1.0
+        kn = tl.load(KN + t * s_kn_t + hh * s_kn_h + o1[None, :], mask=m1, other=0.0).to(tl.float32)
+        kr = _rope_row(KP + t * s_kp_t + hh * s_kp_h, o2[None, :], m2, cos_row, sin_row, D2, IS_NEOX, COS_FULL)
+        if HAS_KPE_OUT:
+            tl.store(KPOut + t * s_kpo_t + hh * s_kpo_h + o2[None, :], kr.to(KPOut.dtype.element_ty), mask=m2)
+        live = heads[:, None] < tl.where(slot >= 0, k_heads, 0)
+        row = Cache + (slot // block_size) * s_cb + (slot % block_size) * s_cs + hh * s_ch
+        tl.store(row + first_off + o1[None, :], _to_store(kn, ks, K_FP8, K_FP8_MAX, Cache.dtype.element_ty),
+                 mask=m1 & live)
+        tl.store(row + pe_off + o2[None, :], _to_store(kr, ks, K_FP8, K_FP8_MAX, Cache.dtype.element_ty),
+                 mask=m2 & live)
+
+
+def _launch_fused(q_nope, q_pe, k_nope, k_pe, kv_cache_rows, cache_head_stride, block_size, slot_mapping, pos, cos,
+                  sin, q_out, k_pe_out, decode_q_pe_out, q_scale, k_scale, is_neox, nope_first):
+    """``k_nope``/``k_pe`` are ``[T, KH, D]``; ``kv_cache_rows`` is addressed as
+    ``block * stride(0) + in_block * stride(1) + head * cache_head_stride``."""
+    n_q, q_heads, d1 = q_nope.shape
+    d2 = q_pe.shape[-1]
+    n_k, k_heads = k_nope.shape[0], k_nope.shape[1]
+    tokens = max(n_q, n_k)
+    if tokens == 0:
+        return
+    if k_heads > BLOCK_HQ:
+        raise ValueError(f"at most {BLOCK_HQ} KV heads are supported, got {k_heads}")
+    one = torch.ones(1, dtype=torch.float32, device=q_nope.device)
+    q_fp8, k_fp8 = _fp8_max(q_out.dtype), _fp8_max(kv_cache_rows.dtype)
+    dqp = decode_q_pe_out
+    grid = (tokens, triton.cdiv(q_heads, BLOCK_HQ) + 1)
+    _fused_rope_cache_kernel[grid](
+        q_nope, q_nope.stride(0), q_nope.stride(1), q_pe, q_pe.stride(0), q_pe.stride(1),
+        k_nope, k_nope.stride(0), k_nope.stride(1), k_pe, k_pe.stride(0), k_pe.stride(1),
+        q_out, q_out.stride(0), q_out.stride(1),
+        k_pe_out if k_pe_out is not None else one, k_pe_out.stride(0) if k_pe_out is not None else 0,
+        k_pe_out.stride(1) if k_pe_out is not None else 0,
+        dqp if dqp is not None else one, dqp.stride(0) if dqp is not None else 0, dqp.stride(1) if dqp is not None else 0,
+        dqp.shape[0] if dqp is not None else 0,
+        kv_cache_rows, kv_cache_rows.stride(0), kv_cache_rows.stride(1), cache_head_stride, block_size, slot_mapping,
+        pos, cos, sin, cos.stride(0), q_scale if q_scale is not None else one, k_scale if k_scale is not None else one,
+        n_q, n_k, q_heads, k_heads,
+        D1=d1, D2=d2, B1=next_pow2(d1), B2=next_pow2(d2), BLOCK_HQ=BLOCK_HQ, IS_NEOX=is_neox,
+        COS_FULL=cos.shape[-1] == d2, NOPE_FIRST=nope_first, Q_FP8=q_fp8 > 0, K_FP8=k_fp8 > 0,
+        Q_FP8_MAX=q_fp8, K_FP8_MAX=k_fp8, HAS_KPE_OUT=k_pe_out is not None, HAS_DQP=dqp is not None,
+        num_warps=4,
+    )
+
+
+def fused_rope_concat(q_nope, q_pe, kv_c, k_pe, kv_cache, q_out, slot_mapping, k_scale, q_scale, positions, cos_cache,
+                      sin_cache, is_neox, is_nope_first):
+    """``fused_qk_rope_concat_and_cache_mla``: cache ``[nb, bs, (1,) D]``, one KV head."""
+    tokens = kv_c.shape[0]
+    k_nope = kv_c.reshape(tokens, 1, -1)
+    k_rope = k_pe.reshape(tokens, 1, -1)
+    _launch_fused(q_nope, q_pe, k_nope, k_rope, kv_cache, 0, kv_cache.shape[1], slot_mapping, positions, cos_cache,
+                  sin_cache, q_out, None, None, q_scale, k_scale, is_neox, is_nope_first)
+
+
+def fused_rope_cat(q_nope, q_pe, k_nope, k_pe, kv_cache, slot_mapping, pos, cos, sin, k_scale, is_neox, apply_scale,
+                   q_out, k_pe_out, decode_q_pe_out, q_nope_zeros_out):
+    """``fused_qk_rope_cat_and_cache_mla``: cache ``[rows, KH, D1 + D2]``, slot = row."""
+    scale = k_scale if apply_scale else None
+    if scale is None and _fp8_max(kv_cache.dtype) > 0:
+        scale = torch.ones(1, dtype=torch.float32, device=kv_cache.device)
+    rows = kv_cache.unsqueeze(1)  # [rows, 1, KH, D]: block size 1
+    _launch_fused(q_nope, q_pe, k_nope, k_pe, rows, kv_cache.stride(1), 1, slot_mapping, pos, cos, sin, q_out,
+                  k_pe_out, decode_q_pe_out, None, scale, is_neox, True)
+    if q_nope_zeros_out is not None:
+        q_nope_zeros_out.zero_()

@@ -1,0 +1,159 @@
+"""Compile-only tier: cross-compile the MLA kernels for sm_90 on the CPU with the production
+dims (kv_lora_rank 512 + rope 64; non-absorbed 128 + 64 / 128) and the configs the launcher
+picks for every head-count / MTP / dtype bucket, and check shared memory fits Hopper's
+232448 bytes per block. Pointer and stride arguments get the 16-divisibility the JIT gives
+aligned tensors, so the cp.async pipeline is modelled as on the device.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    pytest.skip("compile-only tier does not run under the interpreter", allow_module_level=True)
+
+import torch  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from aiter_mla.triton import attention, cache, rope  # noqa: E402
+from aiter_mla.triton.launch import compute_code, decode_config, tiling  # noqa: E402
+
+H100_SMEM_PER_BLOCK = 232448
+TARGET = GPUTarget("cuda", 90, 32)
+FLOAT_ARGS = {"sm_scale", "softcap", "scale"}
+INDEX_NAMES = {"qo_indptr", "kv_indptr", "kv_indices", "kv_last_page_lens", "seqused_k", "block_tables",
+               "work_indptr", "work_info", "reduce_indptr", "reduce_final_map", "reduce_partial_map", "slots",
+               "positions", "pos"}
+FP32_NAMES = {"L", "PO", "PL", "q_scale", "kv_scale", "v_scale", "k_scale", "last_rope", "cos", "sin", "cos_sin"}
+
+
+def _compile(kernel, constexprs, num_warps, num_stages, types):
+    """``types``: element type per pointer argument name (default bf16)."""
+    signature, attrs = {}, {}
+    for idx, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        if name in types:
+            signature[name] = types[name]
+        elif name in INDEX_NAMES:
+            signature[name] = "*i32"
+        elif name in FP32_NAMES:
+            signature[name] = "*fp32"
+        elif name in FLOAT_ARGS:
+            signature[name] = "fp32"
+        elif name[:1].isupper():
+            signature[name] = "*bf16"
+        else:
+            signature[name] = "i32"
+        if signature[name].startswith("*") or name.startswith("stride") or name.startswith("s_"):
+            attrs[(idx,)] = [["tt.divisibility", 16]]
+    src = ASTSource(kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _decode_constexprs(cfg, *, causal=True, compute=0, table_mode=0, page=64, kv_scale=False,
+                       separate_v=False, d_nope=512, d_rope=64, d_v=512):
+    return dict(D_NOPE=d_nope, D_ROPE=d_rope, D_V=d_v, BLOCK_DN=d_nope, BLOCK_DR=d_rope, BLOCK_DV=d_v,
+                SEPARATE_V=separate_v, BLOCK_H=cfg.BLOCK_H, BLOCK_Q=cfg.BLOCK_Q, BLOCK_N=cfg.BLOCK_N,
+                PAGE_SIZE=page, TABLE_MODE=table_mode, CAUSAL=causal,
+                COMPUTE=compute, WRITE_LSE=True, HAS_Q_SCALE=kv_scale, HAS_KV_SCALE=kv_scale, HAS_V_SCALE=False,
+                SOFTCAP=False, LAST_ROPE=False)
+
+
+FP8 = torch.float8_e4m3fn
+DECODE_CASES = [(h, q, kv) for h in (8, 16, 20, 32, 64, 128) for q in (1, 2, 4) for kv in ("bf16", "fp8")
+                if not (kv == "fp8" and h in (20, 32) and q > 1)]
+
+
+@pytest.mark.parametrize("heads,qlen,kv", DECODE_CASES, ids=[f"h{h}-q{q}-{kv}" for h, q, kv in DECODE_CASES])
+def test_decode_configs_compile_and_fit(heads, qlen, kv):
+    kv_dtype = FP8 if kv == "fp8" else torch.bfloat16
+    cfg = decode_config(heads, qlen, kv_dtype)
+    assert cfg.BLOCK_H * cfg.BLOCK_Q >= 16, "tl.dot needs at least 16 rows"
+    assert cfg.BLOCK_H * cfg.BLOCK_Q <= 64
+    compute = compute_code(torch.bfloat16, kv_dtype)
+    types = {"Q": "*bf16", "KV": "*fp8e4nv" if kv == "fp8" else "*bf16", "V": "*bf16", "O": "*fp32"}
+    kernel = _compile(attention.mla_attn_kernel, _decode_constexprs(cfg, compute=compute, kv_scale=kv == "fp8"),
+                      cfg.num_warps, cfg.num_stages, types)
+    assert kernel.metadata.shared <= H100_SMEM_PER_BLOCK, (heads, qlen, kv, kernel.metadata.shared)
+
+
+@pytest.mark.parametrize("block_h,block_n,warps,kv", [(16, 32, 4, "bf16"), (16, 32, 8, "bf16"), (16, 64, 4, "fp8"),
+                                                      (64, 32, 8, "bf16")])
+def test_register_prefetch_variant_compiles(block_h, block_n, warps, kv):
+    from aiter_mla.triton.launch import TileConfig
+
+    cfg = TileConfig(block_h, 1, block_n, warps, 1, 1, 1)
+    constexprs = dict(_decode_constexprs(cfg, compute=1 if kv == "fp8" else 0, kv_scale=kv == "fp8"), PREFETCH=True)
+    types = {"KV": "*fp8e4nv" if kv == "fp8" else "*bf16", "O": "*fp32"}
+    kernel = _compile(attention.mla_attn_kernel, constexprs, warps, 1, types)
+    assert kernel.metadata.shared <= H100_SMEM_PER_BLOCK
+
+
+def test_single_split_bf16_output_and_fp8_q_compile():
+    cfg = decode_config(16, 1, FP8)
+    types = {"Q": "*fp8e4nv", "KV": "*fp8e4nv", "V": "*fp8e4nv", "O": "*bf16"}
+    kernel = _compile(attention.mla_attn_kernel,
+                      _decode_constexprs(cfg, compute=1, kv_scale=True), cfg.num_warps, cfg.num_stages, types)
+    assert kernel.metadata.shared <= H100_SMEM_PER_BLOCK
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+def test_block_table_and_grouped_rope_forms_compile(heads):
+    cfg = decode_config(heads, 1, torch.bfloat16)
+    for mode, page, extra in ((1, 64, {}), (2, 1, dict(LAST_ROPE=True, SOFTCAP=True))):
+        constexprs = dict(_decode_constexprs(cfg, table_mode=mode, page=page, causal=mode == 1), **extra)
+        kernel = _compile(attention.mla_attn_kernel, constexprs, cfg.num_warps, cfg.num_stages, {"O": "*fp32"})
+        assert kernel.metadata.shared <= H100_SMEM_PER_BLOCK
+
+
+def test_sglang_gqa_decode_compiles():
+    """decode_attention_fwd on a GQA cache: D 128 = 64 + 64 tiles, separate V 128, 4 heads per KV head."""
+    cfg = decode_config(32, 1, torch.bfloat16)
+    constexprs = _decode_constexprs(cfg, table_mode=1, page=16, causal=False, separate_v=True, d_nope=64, d_rope=64,
+                                    d_v=128)
+    constexprs.update(BLOCK_H=4, BLOCK_Q=4)
+    kernel = _compile(attention.mla_attn_kernel, constexprs, cfg.num_warps, cfg.num_stages, {"O": "*fp32"})
+    assert kernel.metadata.shared <= H100_SMEM_PER_BLOCK
+
+
+def test_prefill_ps_non_absorbed_compiles():
+    """q/k 192 (tiles 128 + 64), v 128, one head per CTA, 64 query tokens per CTA."""
+    block_h, block_q = 1, 64
+    cfg = decode_config(1, 1024, torch.bfloat16)
+    constexprs = _decode_constexprs(cfg, table_mode=2, page=1, separate_v=True, d_nope=128, d_rope=64, d_v=128)
+    constexprs.update(BLOCK_H=block_h, BLOCK_Q=block_q)
+    kernel = _compile(attention.mla_attn_kernel, constexprs, cfg.num_warps, cfg.num_stages, {})
+    assert kernel.metadata.shared <= H100_SMEM_PER_BLOCK
+    assert "wgmma" in kernel.asm["ptx"]
+
+
+@pytest.mark.parametrize("heads,qlen", [(16, 1), (128, 1), (16, 4)])
+def test_persistent_kernel_compiles(heads, qlen):
+    cfg = decode_config(heads, qlen, torch.bfloat16)
+    block_h, block_q = tiling(heads, qlen)
+    constexprs = dict(D_NOPE=512, D_ROPE=64, BLOCK_DN=512, BLOCK_DR=64, BLOCK_H=block_h, BLOCK_Q=block_q,
+                      BLOCK_N=cfg.BLOCK_N, PAGE_SIZE=64, MAX_Q=qlen, CAUSAL=True, COMPUTE=0, WRITE_LSE=True,
+                      HAS_Q_SCALE=False, HAS_KV_SCALE=False)
+    kernel = _compile(attention.mla_attn_persistent_kernel, constexprs, cfg.num_warps, cfg.num_stages, {})
+    assert kernel.metadata.shared <= H100_SMEM_PER_BLOCK
+
+
+def test_reduce_rope_and_cache_kernels_compile():
+    red = _compile(attention.mla_reduce_kernel, dict(MAX_Q=4, D_V=512, BLOCK_D=512, BLOCK_HM=8, WRITE_LSE=True), 4, 1,
+                   {"PO": "*fp32", "PL": "*fp32", "O": "*bf16"})
+    rot = _compile(rope._rope_decode_kernel, dict(LORA=512, ROPE=64, ROT=64, BLOCK_R=64, BLOCK_HQ=16, IS_NEOX=False),
+                   4, 1, {"cos_sin": "*fp32", "KPe": "*fp32"})
+    cat = _compile(cache._concat_cache_kernel, dict(LORA=512, PE=64, BLOCK_L=512, BLOCK_P=64, FP8=True, FP8_MAX=448.0),
+                   4, 1, {"Cache": "*fp8e4nv", "scale": "*fp32"})
+    fused = _compile(cache._fused_rope_cache_kernel,
+                     dict(D1=512, D2=64, B1=512, B2=64, BLOCK_HQ=16, IS_NEOX=True, COS_FULL=False, NOPE_FIRST=True,
+                          Q_FP8=False, K_FP8=True, Q_FP8_MAX=0.0, K_FP8_MAX=448.0, HAS_KPE_OUT=True, HAS_DQP=True),
+                     4, 1, {"Cache": "*fp8e4nv"})
+    for kernel in (red, rot, cat, fused):
+        assert kernel.metadata.shared <= H100_SMEM_PER_BLOCK
