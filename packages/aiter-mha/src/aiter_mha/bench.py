@@ -100,9 +100,8 @@ def _make_providers(names, causal: bool):
             providers[name] = ("bhsd", run)
     if "flex" in names:
         try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
             import torch._dynamo
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
             # one compile per shape: past dynamo's recompile limit (8) flex_attention silently
             # falls back to eager, which materialises the whole score matrix (and times that)
