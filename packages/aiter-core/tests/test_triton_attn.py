@@ -172,7 +172,7 @@ def test_merge_two_partials():
 
 
 @triton.jit
-def _gather_kernel(cache_ptr, scale_ptr, bt_ptr, out_ptr, seq_len, num_logical, num_phys, head,
+def _gather_kernel(cache_ptr, scale_ptr, bt_ptr, out_ptr, same_ptr, seq_len, num_logical, num_phys, head,
                    s_blk, s_head, s_t_hi, s_t_lo, s_c_hi, s_c_lo, s_sblk, s_shead, s_stok,
                    BLOCK_SIZE: tl.constexpr, TX: tl.constexpr, CX: tl.constexpr, QUANT: tl.constexpr,
                    D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -182,6 +182,10 @@ def _gather_kernel(cache_ptr, scale_ptr, bt_ptr, out_ptr, seq_len, num_logical, 
     col, shift = ta.kv_storage_col(d, QUANT)
     ptrs = (cache_ptr + head * s_head + ta.paged_token_offset(phys, off, s_blk, TX, s_t_hi, s_t_lo)[:, None]
             + ta.packed_col_offset(col, CX, s_c_hi, s_c_lo)[None, :])
+    # the from-token form must address the same elements
+    a = ta.paged_token_offset(phys, off, s_blk, TX, s_t_hi, s_t_lo)
+    b = ta.paged_token_offset_from_tok(phys, tok, s_blk, BLOCK_SIZE, TX, s_t_hi, s_t_lo)
+    tl.store(same_ptr + tl.program_id(0), tl.sum(tl.where(valid, tl.abs(a - b), 0), 0).to(tl.int32))
     x = tl.load(ptrs, mask=valid[:, None])
     sc = ta.load_kv_scale(scale_ptr, QUANT, head, phys, off, s_sblk, s_shead, s_stok, valid)
     v = ta.dequant_kv_tile(x, sc, QUANT, shift[None, :], 0)
@@ -249,12 +253,14 @@ def test_paged_gather_dequant(layout, method, dtype):
     bt = torch.tensor([5, 2, -1, 99, 0], dtype=torch.int32)
     seq_len, head = 70, 1
     out = torch.full((seq_len, D), float("nan"))
-    dev = [t.to(DEVICE) for t in (cache, scale_t, bt, out)]
+    same = torch.full((triton.cdiv(seq_len, 32),), -1, dtype=torch.int32)
+    dev = [t.to(DEVICE) for t in (cache, scale_t, bt, out, same)]
     _gather_kernel[(triton.cdiv(seq_len, 32),)](
         *dev, seq_len, bt.numel(), nb, head, p["s_blk"], p["s_head"], p["s_t_hi"], p["s_t_lo"], p["s_c_hi"],
         p["s_c_lo"], s_sblk, s_shead, s_stok, BLOCK_SIZE=bs, TX=p["TX"], CX=p["CX"], QUANT=int(method), D=D,
         BLOCK_N=32)
     out = dev[3].cpu()
+    assert torch.all(dev[4].cpu() == 0), "paged_token_offset_from_tok and paged_token_offset disagree"
     expect = torch.full((seq_len, D), -7777.0)
     for t in range(seq_len):
         blk = int(bt[t // bs])

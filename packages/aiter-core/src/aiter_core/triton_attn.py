@@ -1,0 +1,397 @@
+"""Triton building blocks shared by the paged, unified and MLA attention kernels.
+
+Importing this module imports Triton: set ``TRITON_INTERPRET`` before (kernel modules import it).
+Everything here is a ``@triton.jit`` device function, except the split-K merge, which also has
+a launcher (:func:`splitk_merge`) and a PyTorch reference (:func:`splitk_merge_reference`).
+The signatures below are stable; other families call them.
+
+Conventions
+-----------
+* Scores in the online softmax are in **log2 units**: ``s = qk * softmax_scale * LOG2E``, masked
+  entries ``-inf``. ``m`` (running max) is in the same units; finalize returns the natural-log
+  LSE.
+* KV quantization methods are the integer values of :class:`aiter_core.quant.KVQuant`
+  (``KV_NONE 0, KV_PER_HEAD 1, KV_PER_TOKEN 2, KV_INT4_PER_TOKEN 3, KV_PER_TENSOR 4``); scales are
+  dequantization scales (``x = stored * scale``); int4 packs element ``2i`` in the low nibble and
+  ``2i+1`` in the high nibble of byte ``i`` along the head dim.
+* Paged addresses are split into a token part and a column part so one formula covers every
+  cache layout (NHD, HND, vLLM 5-D ``[nb, H, D/x, bs, x]``, V ``[nb, H, D, bs]`` and shuffled V
+  ``[nb, H, bs/x, D, x]``):
+  ``addr = phys_block * s_blk + head * s_head + (off // TX) * s_t_hi + (off % TX) * s_t_lo
+  + (col // CX) * s_c_hi + (col % CX) * s_c_lo`` where ``off`` is the token offset inside its block
+  and ``col`` the storage column (``d``, or ``d // 2`` for packed int4). A layout without a split
+  uses ``TX = block_size`` / ``CX = storage columns`` (the ``hi`` part is then always 0).
+
+Device functions (all ``@triton.jit``)
+-------------------------------------
+``online_softmax_step(m_i, l_i, s) -> (m_new, alpha, p, l_new)``
+    one tile of scores ``s [M, N]`` (log2 units); the caller rescales its accumulator by
+    ``alpha[:, None]`` and adds ``p @ V``. Rows that saw only ``-inf`` keep ``m = -inf``, ``l = 0``
+    and produce ``p = 0``, ``alpha = 0`` (no NaN).
+``online_softmax_finalize(acc, m_i, l_i) -> (out, lse)``
+    ``out = acc / l`` (0 for empty rows) and the natural-log LSE (``-inf`` for empty rows).
+``softcap_scores(s, softcap)``: ``softcap * tanh(s / softcap)``.
+``paged_block_lookup(block_table_row_ptr, tok, BLOCK_SIZE, num_logical_blocks, num_physical_blocks,
+mask) -> (phys, off, valid)``
+    logical token index -> physical block id (int64), offset inside the block, and validity.
+    Block ids outside ``[0, num_physical_blocks)`` (negative = padding) make the token invalid, so
+    kernels skip it instead of reading out of bounds.
+``paged_token_offset(phys, off, s_blk, TX, s_t_hi, s_t_lo)`` and
+``packed_col_offset(col, CX, s_c_hi, s_c_lo)``: the two halves of the address formula (int64).
+``paged_token_offset_from_tok(phys, tok, s_blk, BLOCK_SIZE, TX, s_t_hi, s_t_lo)``: the token half
+    from the logical token index (``off = tok % BLOCK_SIZE`` implied); prefer it in kernels: it keeps
+    contiguous token runs visible to the compiler, so token-contiguous layouts get vector loads.
+``kv_storage_col(d, QUANT) -> (col, shift)``: storage column and nibble shift of head-dim index d.
+``kv_to_float(x, QUANT, shift)``: stored values -> fp32 (int4 nibble unpacked and sign-extended).
+``load_kv_scale(scale_ptr, QUANT, head, phys, off, s_sblk, s_shead, s_stok, mask)``
+    the dequantization scale: fp32 scalar (NONE: 1, per tensor, per head) or one per token
+    (per token / int4: ``scale_ptr + phys*s_sblk + head*s_shead + off*s_stok``, 0 where masked).
+``dequant_kv_tile(x, scale, QUANT, shift, TOKEN_AXIS)``
+    fp32 values of a stored tile, times ``scale`` broadcast along ``TOKEN_AXIS`` (0 or 1) for the
+    per-token methods.
+``merge_two_partials(o_a, lse_a, o_b, lse_b) -> (o, lse)``: LSE-weighted merge of two normalised
+    partial outputs (rows broadcast along the last axis).
+
+Interpreter notes (Triton 3.9, ``TRITON_INTERPRET=1``): a masked ``tl.load`` of an fp8 tensor
+with ``other=0`` fails ("cannot cast ... to fp8"): load without ``other`` and zero the masked
+entries after conversion with ``tl.where`` (masked lanes are undefined on a GPU anyway). A mask
+built from a scalar comparison (``row_ok & (n > 1)``) fails with "mask has unsupported dtype":
+broadcast the scalar first (``(rows * 0 + n) > 1``). fp32 -> fp8 casts that round up across a
+power of two come out halved in the interpreter (the GPU is right).
+
+Performance notes (sm_90): Triton specialises integer arguments only on divisibility by 16, never
+on "== 1", so pass the strides inside a block (``TX``, ``s_t_*``, ``CX``, ``s_c_*``) as
+``tl.constexpr`` or the compiler cannot see the contiguous axis and loads bytes instead of 16-byte
+vectors. For token-contiguous layouts also look blocks up once per group of tokens that share one
+(``tl.max_constancy`` on the block id) and use :func:`paged_token_offset_from_tok`. A compile-only
+test must pass ``attrs={(i,): [["tt.divisibility", 16]]}`` for pointers and 16-divisible ints to
+``ASTSource``, as the launcher does at run time, or no load vectorizes.
+
+Split-K merge
+-------------
+``splitk_merge(partial_out, partial_lse, out, lse_out=None, partial_sum=None)``
+    ``partial_out [*rows, S, D]``, ``partial_lse [*rows, S]`` (natural log; ``-inf`` = empty
+    split, its partial output is never read), ``out [*rows, D]``, ``lse_out [*rows]`` (optional),
+    with 1 or 2 row dims and any strides. With ``partial_sum`` given, ``partial_lse`` holds each
+    split's running max and ``partial_sum`` its exp-sum (upstream's ``max_logits`` /
+    ``exp_sums``), and the split LSE is ``max + log(sum)``. Computes
+    ``out = sum_k exp(lse_k - lse*) o_k / sum_k exp(lse_k - lse*)``,
+    ``lse = lse* + log(sum_k exp(lse_k - lse*))``; a row whose splits are all empty gets out 0 and
+    lse ``-inf``. No host sync, no allocation: safe inside CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "LOG2E",
+    "LN2",
+    "KV_NONE",
+    "KV_PER_HEAD",
+    "KV_PER_TOKEN",
+    "KV_INT4_PER_TOKEN",
+    "KV_PER_TENSOR",
+    "online_softmax_step",
+    "online_softmax_finalize",
+    "softcap_scores",
+    "paged_block_lookup",
+    "paged_token_offset",
+    "paged_token_offset_from_tok",
+    "packed_col_offset",
+    "kv_storage_col",
+    "kv_to_float",
+    "load_kv_scale",
+    "dequant_kv_tile",
+    "merge_two_partials",
+    "splitk_merge",
+    "splitk_merge_reference",
+]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# aiter_core.quant.KVQuant values, as plain ints usable as tl.constexpr
+KV_NONE = 0
+KV_PER_HEAD = 1
+KV_PER_TOKEN = 2
+KV_INT4_PER_TOKEN = 3
+KV_PER_TENSOR = 4
+
+
+# ----------------------------------------------------------------------------- online softmax
+
+
+@triton.jit
+def online_softmax_step(m_i, l_i, s):
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # rows that have seen only -inf: subtract 0 instead of -inf so exp2 gives 0, never NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    l_new = l_i * alpha + tl.sum(p, 1)
+    return m_new, alpha, p, l_new
+
+
+@triton.jit
+def online_softmax_finalize(acc, m_i, l_i):
+    empty = l_i == 0.0
+    inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
+    out = acc * inv[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    return out, lse
+
+
+@triton.jit
+def softcap_scores(s, softcap):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): exact at both tails (exp overflow gives 1, underflow -1)
+    x = s / softcap
+    t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    return softcap * t
+
+
+@triton.jit
+def merge_two_partials(o_a, lse_a, o_b, lse_b):
+    mx = tl.maximum(lse_a, lse_b)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    w_a = tl.exp(lse_a - mx_safe)
+    w_b = tl.exp(lse_b - mx_safe)
+    denom = w_a + w_b
+    inv = tl.where(denom > 0.0, 1.0 / tl.where(denom > 0.0, denom, 1.0), 0.0)
+    o = (tl.where(w_a[:, None] > 0.0, o_a * w_a[:, None], 0.0)
+         + tl.where(w_b[:, None] > 0.0, o_b * w_b[:, None], 0.0)) * inv[:, None]
+    lse = tl.where(denom > 0.0, mx_safe + tl.log(tl.where(denom > 0.0, denom, 1.0)), float("-inf"))
+    return o, lse
+
+
+# ----------------------------------------------------------------------------- paged addressing
+
+
+@triton.jit
+def paged_block_lookup(block_table_row_ptr, tok, BLOCK_SIZE: tl.constexpr, num_logical_blocks,
+                       num_physical_blocks, mask):
+    logical = tok // BLOCK_SIZE
+    off = tok % BLOCK_SIZE
+    valid = mask & (logical < num_logical_blocks)
+    phys = tl.load(block_table_row_ptr + logical, mask=valid, other=-1).to(tl.int64)
+    valid = valid & (phys >= 0) & (phys < num_physical_blocks)
+    phys = tl.where(valid, phys, 0)
+    return phys, off, valid
+
+
+@triton.jit
+def paged_token_offset(phys, off, s_blk, TX: tl.constexpr, s_t_hi, s_t_lo):
+    return phys.to(tl.int64) * s_blk + ((off // TX) * s_t_hi + (off % TX) * s_t_lo).to(tl.int64)
+
+
+@triton.jit
+def paged_token_offset_from_tok(phys, tok, s_blk, BLOCK_SIZE: tl.constexpr, TX: tl.constexpr, s_t_hi, s_t_lo):
+    # Same address as paged_token_offset(phys, tok % BLOCK_SIZE, ...), written so that Triton's
+    # axis analysis still sees runs of contiguous tokens (a remainder of a remainder hides them,
+    # which turns token-contiguous V loads into byte loads).
+    if TX == BLOCK_SIZE:
+        rest = (tok % BLOCK_SIZE).to(tl.int64) * s_t_lo
+    else:
+        rest = ((tok // TX) % (BLOCK_SIZE // TX)).to(tl.int64) * s_t_hi + (tok % TX).to(tl.int64) * s_t_lo
+    return phys.to(tl.int64) * s_blk + rest
+
+
+@triton.jit
+def packed_col_offset(col, CX: tl.constexpr, s_c_hi, s_c_lo):
+    return ((col // CX) * s_c_hi + (col % CX) * s_c_lo).to(tl.int64)
+
+
+# ----------------------------------------------------------------------------- KV dequantization
+
+
+@triton.jit
+def kv_storage_col(d, QUANT: tl.constexpr):
+    if QUANT == 3:
+        col = d // 2
+        shift = (d % 2) * 4
+    else:
+        col = d
+        shift = d * 0
+    return col, shift
+
+
+@triton.jit
+def kv_to_float(x, QUANT: tl.constexpr, shift):
+    if QUANT == 3:
+        nib = (x.to(tl.int32) >> shift) & 0xF
+        return (nib - (nib >= 8).to(tl.int32) * 16).to(tl.float32)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def load_kv_scale(scale_ptr, QUANT: tl.constexpr, head, phys, off, s_sblk, s_shead, s_stok, mask):
+    if QUANT == 2 or QUANT == 3:
+        ptrs = scale_ptr + phys.to(tl.int64) * s_sblk + head * s_shead + off.to(tl.int64) * s_stok
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    elif QUANT == 1:
+        return tl.load(scale_ptr + head * s_shead).to(tl.float32)
+    elif QUANT == 4:
+        return tl.load(scale_ptr).to(tl.float32)
+    else:
+        return 1.0
+
+
+@triton.jit
+def dequant_kv_tile(x, scale, QUANT: tl.constexpr, shift, TOKEN_AXIS: tl.constexpr):
+    v = kv_to_float(x, QUANT, shift)
+    if QUANT == 2 or QUANT == 3:
+        if TOKEN_AXIS == 0:
+            v = v * scale[:, None]
+        else:
+            v = v * scale[None, :]
+    elif QUANT != 0:
+        v = v * scale
+    return v
+
+
+# ----------------------------------------------------------------------------- split-K merge
+
+
+@triton.jit
+def _splitk_merge_kernel(
+    po_ptr, plse_ptr, psum_ptr, out_ptr, lse_out_ptr,
+    R1, num_splits, head_dim,
+    s_po0, s_po1, s_pok, s_pod,
+    s_pl0, s_pl1, s_plk,
+    s_ps0, s_ps1, s_psk,
+    s_o0, s_o1, s_od,
+    s_l0, s_l1,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SUM: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    row = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    r0 = (row // R1).to(tl.int64)
+    r1 = (row % R1).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    lse_base = plse_ptr + r0 * s_pl0 + r1 * s_pl1
+    sum_base = psum_ptr + r0 * s_ps0 + r1 * s_ps1
+    # pass 1: the largest split LSE
+    mx = tl.full([BLOCK_K], float("-inf"), tl.float32)
+    for k0 in range(0, num_splits, BLOCK_K):
+        k = k0 + offs_k
+        km = k < num_splits
+        lse = tl.load(lse_base + k * s_plk, mask=km, other=float("-inf")).to(tl.float32)
+        if HAS_SUM:
+            ssum = tl.load(sum_base + k * s_psk, mask=km, other=0.0).to(tl.float32)
+            lse = tl.where(ssum > 0.0, lse + tl.log(tl.where(ssum > 0.0, ssum, 1.0)), float("-inf"))
+        mx = tl.maximum(mx, lse)
+    m_all = tl.max(mx, 0)
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    # pass 2: weighted sum of the partial outputs; empty splits are never read
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    den = tl.zeros([BLOCK_K], tl.float32)
+    po_base = po_ptr + r0 * s_po0 + r1 * s_po1
+    for k0 in range(0, num_splits, BLOCK_K):
+        k = k0 + offs_k
+        km = k < num_splits
+        lse = tl.load(lse_base + k * s_plk, mask=km, other=float("-inf")).to(tl.float32)
+        if HAS_SUM:
+            ssum = tl.load(sum_base + k * s_psk, mask=km, other=0.0).to(tl.float32)
+            lse = tl.where(ssum > 0.0, lse + tl.log(tl.where(ssum > 0.0, ssum, 1.0)), float("-inf"))
+        w = tl.exp(lse - m_safe)
+        live = km & (w > 0.0)
+        o = tl.load(po_base + k[:, None].to(tl.int64) * s_pok + offs_d[None, :] * s_pod,
+                    mask=live[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(o * tl.where(live, w, 0.0)[:, None], 0)
+        den += tl.where(live, w, 0.0)
+    denom = tl.sum(den, 0)
+    out = tl.where(denom > 0.0, acc / tl.where(denom > 0.0, denom, 1.0), 0.0)
+    tl.store(out_ptr + r0 * s_o0 + r1 * s_o1 + offs_d * s_od, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+    if WRITE_LSE:
+        if pid_d == 0:
+            lse_row = tl.where(denom > 0.0, m_safe + tl.log(tl.where(denom > 0.0, denom, 1.0)), float("-inf"))
+            tl.store(lse_out_ptr + r0 * s_l0 + r1 * s_l1, lse_row)
+
+
+def _two_row_dims(t: torch.Tensor, name: str, trailing: int) -> tuple[tuple[int, int], tuple[int, int], torch.Tensor]:
+    """(R0, R1) sizes and strides of ``t``'s leading row dims (1 or 2 of them)."""
+    rows = t.dim() - trailing
+    if rows == 1:
+        return (t.shape[0], 1), (t.stride(0), 0), t
+    if rows == 2:
+        return (t.shape[0], t.shape[1]), (t.stride(0), t.stride(1)), t
+    raise ValueError(f"{name} must have 1 or 2 row dims before its last {trailing}, got shape {tuple(t.shape)}")
+
+
+def splitk_merge(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor,
+                 lse_out: torch.Tensor | None = None, partial_sum: torch.Tensor | None = None,
+                 block_d: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """Merge split-K partial attention outputs in one launch (see the module docstring).
+
+    Shapes are checked on the host (no device sync). Returns ``out``.
+    """
+    if partial_out.dim() < 3:
+        raise ValueError(f"partial_out must be [*rows, splits, head_dim], got shape {tuple(partial_out.shape)}")
+    rows_shape = tuple(partial_out.shape[:-2])
+    splits, head_dim = partial_out.shape[-2], partial_out.shape[-1]
+    if tuple(partial_lse.shape) != rows_shape + (splits,):
+        raise ValueError(f"partial_lse must have shape {rows_shape + (splits,)}, got {tuple(partial_lse.shape)}")
+    if partial_sum is not None and tuple(partial_sum.shape) != rows_shape + (splits,):
+        raise ValueError(f"partial_sum must have shape {rows_shape + (splits,)}, got {tuple(partial_sum.shape)}")
+    if tuple(out.shape) != rows_shape + (head_dim,):
+        raise ValueError(f"out must have shape {rows_shape + (head_dim,)}, got {tuple(out.shape)}")
+    if lse_out is not None and tuple(lse_out.shape) != rows_shape:
+        raise ValueError(f"lse_out must have shape {rows_shape}, got {tuple(lse_out.shape)}")
+    if lse_out is not None and lse_out.dtype != torch.float32:
+        raise TypeError(f"lse_out must be float32, got {lse_out.dtype}")
+    (r0, r1), (s_po0, s_po1), _ = _two_row_dims(partial_out, "partial_out", 2)
+    _, (s_pl0, s_pl1), _ = _two_row_dims(partial_lse, "partial_lse", 1)
+    _, (s_o0, s_o1), _ = _two_row_dims(out, "out", 1)
+    if partial_sum is not None:
+        _, (s_ps0, s_ps1), _ = _two_row_dims(partial_sum, "partial_sum", 1)
+        s_psk = partial_sum.stride(-1)
+    else:
+        s_ps0 = s_ps1 = s_psk = 0
+    if lse_out is not None:
+        _, (s_l0, s_l1), _ = _two_row_dims(lse_out, "lse_out", 0)
+    else:
+        s_l0 = s_l1 = 0
+    nrows = r0 * r1
+    if nrows == 0 or head_dim == 0:
+        return out
+    block_d = block_d or min(triton.next_power_of_2(head_dim), 256)
+    block_k = min(max(triton.next_power_of_2(max(splits, 1)), 2), 32)
+    grid = (nrows, triton.cdiv(head_dim, block_d))
+    _splitk_merge_kernel[grid](
+        partial_out, partial_lse, partial_sum if partial_sum is not None else partial_lse, out,
+        lse_out if lse_out is not None else partial_lse,
+        r1, splits, head_dim,
+        s_po0, s_po1, partial_out.stride(-2), partial_out.stride(-1),
+        s_pl0, s_pl1, partial_lse.stride(-1),
+        s_ps0, s_ps1, s_psk,
+        s_o0, s_o1, out.stride(-1),
+        s_l0, s_l1,
+        BLOCK_K=block_k, BLOCK_D=block_d, HAS_SUM=partial_sum is not None, WRITE_LSE=lse_out is not None,
+        num_warps=num_warps,
+    )
+    return out
+
+
+def splitk_merge_reference(partial_out: torch.Tensor, partial_lse: torch.Tensor,
+                           partial_sum: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch version of :func:`splitk_merge`: returns ``(out fp32 [*rows, D], lse fp32 [*rows])``."""
+    lse = partial_lse.double()
+    if partial_sum is not None:
+        s = partial_sum.double()
+        lse = torch.where(s > 0, lse + torch.log(torch.where(s > 0, s, torch.ones_like(s))),
+                          torch.full_like(lse, float("-inf")))
+    mx = lse.amax(dim=-1, keepdim=True)
+    mx = torch.where(torch.isinf(mx) & (mx < 0), torch.zeros_like(mx), mx)
+    w = torch.exp(lse - mx)
+    o = torch.where(w[..., None] > 0, partial_out.double() * w[..., None], torch.zeros((), dtype=torch.float64))
+    den = w.sum(-1)
+    out = torch.where(den[..., None] > 0, o.sum(-2) / torch.where(den > 0, den, torch.ones_like(den))[..., None],
+                      torch.zeros((), dtype=torch.float64))
+    lse_out = torch.where(den > 0, mx.squeeze(-1) + torch.log(torch.where(den > 0, den, torch.ones_like(den))),
+                          torch.full_like(den, float("-inf")))
+    return out.float(), lse_out.float()
