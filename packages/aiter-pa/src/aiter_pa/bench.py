@@ -1,0 +1,327 @@
+"""Benchmark CLI: ``python -m aiter_pa.bench [--quick] [--out DIR]`` (also ``aiter bench pa``).
+
+Paged decode bandwidth on one GPU, everything measured in the same run:
+
+* ``aiter`` (ours, ``paged_attention_decode`` with the automatic v1/v2 choice) against
+  ``sdpa-cudnn`` (torch SDPA's cuDNN backend on the same KV made contiguous, GQA through
+  ``enable_gqa``) and ``flex`` (FlexAttention over the physical block pool with a paged block
+  mask built from the block table; skipped with the reason when it cannot run);
+* the issue's shapes: bf16 KV b=64 hq=32 hkv=8 d=128 ctx=4096 block 16; the same with fp8 KV
+  (per tensor and per token); ctx 1024;
+* ``decode-partitions`` rows: ours with the partition count forced (1 = v1, 2, 4, 8);
+* ``high-precision`` rows: fp8 per-token KV at levels 0/1/2 with their max error against the
+  fp32 reference on the dequantized cache;
+* ``--sweep``: tile configs (BLOCK_N x warps x stages) for the headline shapes, best first.
+
+Bytes per call are counted as ``spec/anchors.md`` says (Q + K and V of every attended token +
+scales + O) by ``aiter_core.bench.decode_bytes``; the ceiling is a device-to-device copy measured
+at the start. Times are medians of ``triton.testing.do_bench`` (L2 flushed before each call)
+over a CUDA-graph replay of the call, so Python launch overhead is excluded (``decode-eager``
+rows show ours without the graph). Writes a terminal table and ``<stem>.json/.md/.png`` into
+``--out``.
+
+Without a GPU it runs the family's correctness smoke test instead (timing needs a device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+SHAPES = {
+    "bf16-ctx4k": dict(b=64, hq=32, hkv=8, d=128, ctx=4096, bs=16, quant="none"),
+    "fp8-tensor-ctx4k": dict(b=64, hq=32, hkv=8, d=128, ctx=4096, bs=16, quant="fp8-tensor"),
+    "fp8-token-ctx4k": dict(b=64, hq=32, hkv=8, d=128, ctx=4096, bs=16, quant="fp8-token"),
+    "bf16-ctx1k": dict(b=64, hq=32, hkv=8, d=128, ctx=1024, bs=16, quant="none"),
+}
+QUICK = ("bf16-ctx4k", "fp8-tensor-ctx4k")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m aiter_pa.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}, no extra rows")
+    p.add_argument("--shapes", default=None, help=f"comma list of {', '.join(SHAPES)}")
+    p.add_argument("--layout", default="HND", help="KV layout of our cache (HND, NHD, vllm, vllm_shuffled)")
+    p.add_argument("--providers", default="aiter,sdpa-cudnn,flex", help="subset of aiter,sdpa-cudnn,flex")
+    p.add_argument("--sweep", action="store_true", help="also sweep tile configs for each shape")
+    p.add_argument("--no-ceilings", action="store_true", help="skip measuring the copy/matmul ceilings")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default ./aiter-pa-bench/<gpu>)")
+    p.add_argument("--stem", default="pa_decode", help="output file stem (default pa_decode)")
+    # for exercising the machinery off-GPU (tests): CPU tensors need TRITON_INTERPRET=1
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    names = QUICK if args.quick and not args.shapes else tuple((args.shapes or ",".join(SHAPES)).split(","))
+    bad = [n for n in names if n not in SHAPES]
+    if bad:
+        p.error(f"--shapes: unknown {bad}; choose from {', '.join(SHAPES)}")
+    args.shape_names = names
+    args.provider_names = tuple(x for x in args.providers.split(",") if x)
+    return args
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "gpu"
+
+
+def _eager_ms(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, return_mode="median"))
+
+
+def _graph_ms(fn) -> float:
+    """Median ms of a CUDA-graph replay of ``fn`` (L2 flushed by do_bench before each replay)."""
+    import torch
+    import triton.testing
+
+    fn()  # compile / warm up outside the capture
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median"))
+
+
+def _case(shape: dict, layout: str, seed: int = 0, device: str = "cuda"):
+    import torch
+
+    from aiter_core.quant import KVQuant
+
+    from .testing import make_paged_kv
+
+    quant = {"none": KVQuant.NONE, "fp8-tensor": KVQuant.PER_TENSOR_8BIT, "fp8-token": KVQuant.PER_TOKEN_8BIT}[
+        shape["quant"]]
+    ctx = [shape["ctx"]] * shape["b"]
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32  # the interpreter has no bf16 math
+    kv = make_paged_kv(ctx, shape["hkv"], shape["d"], shape["bs"], layout, quant, dtype,
+                       torch.float8_e4m3fn if quant != KVQuant.NONE else None, device, extra_blocks=8,
+                       pad_entries=False, seed=seed)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    q = torch.randn(shape["b"], shape["hq"], shape["d"], generator=g, device=device).to(dtype)
+    return kv, q
+
+
+def _nbytes(shape: dict, kv) -> float:
+    from aiter_core.bench import decode_bytes
+
+    kv_bytes = kv.key_cache.element_size()
+    scale_bytes = 8 if kv.k_scale is not None and kv.k_scale.dim() == 2 else 0  # K + V fp32 per token and head
+    return decode_bytes(shape["b"], shape["hq"], shape["hkv"], 1, shape["ctx"], shape["d"], q_bytes=2,
+                        kv_bytes=kv_bytes, o_bytes=2, kv_scale_bytes=scale_bytes)
+
+
+def _ours(kv, q, out, *, parts=0, hp=1, config=None, layout="HND"):
+    from . import api
+
+    max_ctx = int(kv.context_lens.max())  # read once here: a host sync inside graph capture would fail
+    if config is None:
+        ws = None
+        if parts and parts > 1:
+            ws = api.decode_partials(q.shape[0], q.shape[1], q.shape[2], parts, device=q.device)
+
+        def fn():
+            api.paged_attention_decode(out, q, kv.key_cache, kv.value_cache, kv.context_lens, kv.block_tables,
+                                       q.shape[2] ** -0.5, max_ctx, None, kv.k_scale, kv.v_scale,
+                                       parts, kv_cache_layout=kv.layout_arg or "HND", high_precision=hp, workspace=ws)
+        return fn
+    # a forced tile config goes straight to the launcher (the public API picks its own)
+    from .core import kv_quant_for
+    from .layouts import describe_kv_cache
+    from .triton.launch import paged_attention_fwd
+
+    info = describe_kv_cache(kv.key_cache, kv.value_cache, kv.layout_arg)
+    kq, vq, ka, va = kv_quant_for(q, kv.key_cache, kv.value_cache, info, kv.k_scale, kv.v_scale, "inferred"
+                                  if kv.key_cache.element_size() == 1 else "auto")
+
+    def fn():
+        paged_attention_fwd(out, q, kv.key_cache, kv.value_cache, info, scale=q.shape[2] ** -0.5,
+                            max_context_len=max_ctx, block_tables=kv.block_tables, context_lens=kv.context_lens,
+                            k_quant=int(kq), v_quant=int(vq), k_scale=ka, v_scale=va, high_precision=hp,
+                            num_partitions=parts or None, config=config)
+    return fn
+
+
+def _contiguous_kv(kv, shape):
+    """The same KV, dequantized to bf16 and made contiguous per sequence: [b, hkv, ctx, d]."""
+    import torch
+
+    ctx = shape["ctx"]
+    t = torch.arange(ctx, device=kv.k_deq.device)
+    blocks = kv.block_tables[:, (t // kv.block_size)].long()  # [b, ctx]
+    k = kv.k_deq[blocks, (t % kv.block_size)[None, :]]  # [b, ctx, hkv, d]
+    v = kv.v_deq[blocks, (t % kv.block_size)[None, :]]
+    return (k.transpose(1, 2).contiguous().to(torch.bfloat16), v.transpose(1, 2).contiguous().to(torch.bfloat16))
+
+
+def _sdpa_cudnn(q, k, v):
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qq = q.unsqueeze(2)  # [b, hq, 1, d]
+
+    def fn():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(qq, k, v, enable_gqa=True)
+    return fn
+
+
+def _flex(kv, q, shape):
+    """FlexAttention over the whole physical block pool with a mask that keeps, for query ``b``,
+    the pool rows of sequence ``b``'s blocks (positions < its context)."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    nb, bs = kv.num_blocks, kv.block_size
+    owner = torch.full((nb,), -1, dtype=torch.int32, device="cuda")
+    pos0 = torch.zeros(nb, dtype=torch.int32, device="cuda")
+    nblk = -(-shape["ctx"] // bs)
+    owner[kv.block_tables[:, :nblk].reshape(-1).long()] = torch.arange(shape["b"], device="cuda",
+                                                                      dtype=torch.int32).repeat_interleave(nblk)
+    pos0[kv.block_tables[:, :nblk].reshape(-1).long()] = (torch.arange(nblk, device="cuda", dtype=torch.int32)
+                                                          * bs).repeat(shape["b"])
+    ctx = kv.context_lens
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        blk = kv_idx // bs
+        return (owner[blk] == q_idx) & (pos0[blk] + kv_idx % bs < ctx[q_idx])
+
+    N = nb * bs
+    k = kv.k_deq.reshape(N, shape["hkv"], shape["d"]).transpose(0, 1).unsqueeze(0).to(torch.bfloat16).contiguous()
+    v = kv.v_deq.reshape(N, shape["hkv"], shape["d"]).transpose(0, 1).unsqueeze(0).to(torch.bfloat16).contiguous()
+    qq = q.unsqueeze(0)  # [1, hq, b, d]: the b decode queries as the rows of one "sequence"
+    block_mask = create_block_mask(mask_mod, 1, None, shape["b"], N, device="cuda")
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def fn():
+        return compiled(qq, k, v, block_mask=block_mask, enable_gqa=True)
+    return fn
+
+
+def _max_err(out, kv, q) -> float:
+    import torch
+
+    from .reference import paged_attention_ref
+
+    ref = paged_attention_ref(q.float(), kv.k_deq, kv.v_deq, kv.block_tables, kv.context_lens, q.shape[2] ** -0.5,
+                              dtype=torch.float32)
+    return float((out.float() - ref.float()).abs().max().item())
+
+
+def run_bench(args) -> int:
+    import torch
+
+    from aiter_core.bench import BenchRun, measure_ceilings
+    from aiter_core.testing import poison
+
+    from .triton.launch import KernelConfig
+
+    run = BenchRun.start("aiter-pa decode", argv=None)
+    if not args.no_ceilings:
+        print("measuring the copy and matmul ceilings ...", file=sys.stderr)
+        run.ceilings = measure_ceilings()
+    failures = 0
+    summary = {}
+    for name in args.shape_names:
+        shape = SHAPES[name]
+        if args.tiny:  # machinery check: same code, toy sizes
+            shape = dict(shape, b=2, hq=4, hkv=2, d=32, ctx=40)
+        print(f"[{name}] building a {shape['b']} x {shape['ctx']}-token cache ...", file=sys.stderr)
+        kv, q = _case(shape, args.layout, device=args.device)
+        nbytes = _nbytes(shape, kv)
+        params = dict(shape=name, b=shape["b"], hq=shape["hq"], hkv=shape["hkv"], d=shape["d"], ctx=shape["ctx"],
+                      block=shape["bs"], kv=shape["quant"], layout=args.layout)
+        out = poison(torch.empty_like(q))
+        fn = _ours(kv, q, out)
+        fn()
+        err = _max_err(out, kv, q)
+        if not err <= 2e-2:
+            print(f"[{name}] aiter refcheck FAILED: max error {err:.3g}", file=sys.stderr)
+            failures += 1
+            run.add("decode", "aiter", None, nbytes=nbytes, **params, error=f"refcheck max error {err:.3g}")
+            continue
+        if "aiter" in args.provider_names:
+            ms = _graph_ms(fn)
+            run.add("decode", "aiter", ms, nbytes=nbytes, **params)
+            summary[name] = ms
+            run.add("decode-eager", "aiter", _eager_ms(fn), nbytes=nbytes, **params)
+        if "sdpa-cudnn" in args.provider_names:
+            try:
+                k, v = _contiguous_kv(kv, shape)
+                # peers are credited with our byte count: their TB/s is our bytes over their time
+                run.add("decode", "sdpa-cudnn", _graph_ms(_sdpa_cudnn(q, k, v)), nbytes=nbytes, **params)
+                del k, v
+            except Exception as exc:  # a peer that cannot run is reported, not fatal
+                run.add("decode", "sdpa-cudnn", None, nbytes=nbytes, **params, error=f"{type(exc).__name__}: {exc}"[:200])
+        if "flex" in args.provider_names and shape["quant"] == "none":
+            try:
+                run.add("decode", "flex", _graph_ms(_flex(kv, q, shape)), nbytes=nbytes, **params)
+            except Exception as exc:
+                run.add("decode", "flex", None, nbytes=nbytes, **params, error=f"{type(exc).__name__}: {exc}"[:200])
+        if not args.quick:
+            for parts in (1, 2, 4, 8):
+                o = torch.empty_like(q)
+                run.add("decode-partitions", f"aiter P={parts}", _graph_ms(_ours(kv, q, o, parts=parts)),
+                        nbytes=nbytes, **params)
+            if shape["quant"] == "fp8-token":
+                for hp in (0, 1, 2):
+                    o = poison(torch.empty_like(q))
+                    f = _ours(kv, q, o, hp=hp)
+                    f()
+                    run.add("high-precision", f"aiter hp={hp}", _graph_ms(f), nbytes=nbytes, **params,
+                            max_err=round(_max_err(o, kv, q), 5))
+        if args.sweep:
+            for bn in (32, 64, 128):
+                for warps in (4, 8):
+                    for stages in (2, 3, 4):
+                        cfg = KernelConfig(bn, warps, stages)
+                        o = torch.empty_like(q)
+                        try:
+                            ms = _graph_ms(_ours(kv, q, o, config=cfg))
+                            run.add("sweep", f"aiter bn{bn} w{warps} s{stages}", ms, nbytes=nbytes, **params)
+                        except Exception as exc:
+                            run.add("sweep", f"aiter bn{bn} w{warps} s{stages}", None, **params,
+                                    error=f"{type(exc).__name__}: {exc}"[:120])
+        del kv, q
+        if args.device != "cpu":
+            torch.cuda.empty_cache()
+    if "bf16-ctx4k" in summary:
+        for fp8 in ("fp8-tensor-ctx4k", "fp8-token-ctx4k"):
+            if fp8 in summary:
+                run.metadata[f"speedup_{fp8}_over_bf16"] = round(summary["bf16-ctx4k"] / summary[fp8], 3)
+    gpu_name = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
+    out_dir = args.out or Path("aiter-pa-bench") / _slug(gpu_name)
+    run.print_table()
+    run.write_json(out_dir / f"{args.stem}.json")
+    run.write_markdown(out_dir / f"{args.stem}.md")
+    run.plot(out_dir / f"{args.stem}.png", metric="tbps")
+    for k, val in run.metadata.items():
+        if k.startswith("speedup_"):
+            print(f"{k}: {val}x")
+    print(f"wrote {out_dir}/{args.stem}.json, .md, .png")
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available() and args.device != "cpu":
+        from .smoke import run
+
+        print("no GPU: timing needs a device; running the correctness smoke test instead")
+        print(run())
+        return 0
+    return run_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Compile-only tier: cross-compile every kernel configuration aiter-pa launches for sm_90 on the
+CPU and check it fits the H100's shared memory (232448 bytes per block, opt-in).
+
+The decode configurations are exactly what ``prepare_launch`` builds for the GPU (the interpreter
+must be off: nox's compile session does not set TRITON_INTERPRET), from meta tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1",
+                                reason="cross-compilation needs TRITON_INTERPRET unset")
+
+import triton  # noqa: E402
+
+from aiter_core import triton_attn as ta  # noqa: E402
+from aiter_core.quant import KVQuant  # noqa: E402
+from aiter_pa.core import kv_quant_for  # noqa: E402
+from aiter_pa.layouts import allocate_kv_cache, describe_kv_cache  # noqa: E402
+from aiter_pa.triton import cache as tc  # noqa: E402
+from aiter_pa.triton.attention import _paged_attn_kernel  # noqa: E402
+from aiter_pa.triton.launch import prepare_launch  # noqa: E402
+
+H100_SMEM = 232448
+META = "meta"
+FP8 = torch.float8_e4m3fn
+_PTR = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", FP8: "fp8e4nv", torch.int8: "i8",
+        torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
+
+
+def _ty(v):
+    if isinstance(v, torch.Tensor):
+        return "*" + _PTR[v.dtype]
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, int):
+        return "i32" if -2**31 <= v < 2**31 else "i64"
+    if isinstance(v, float):
+        return "fp32"
+    raise TypeError(type(v))
+
+
+def compile_sm90(fn, args, constexprs, num_warps=4, num_stages=2):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {name: _ty(v) for name, v in zip(fn.arg_names, args)}
+    for k in constexprs:
+        sig[k] = "constexpr"
+    # what the launcher specialises at run time: 16-byte aligned pointers, ints divisible by 16
+    attrs = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(args)
+             if isinstance(v, torch.Tensor) or (isinstance(v, int) and not isinstance(v, bool) and v % 16 == 0)}
+    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    shared = kernel.metadata.shared
+    assert shared <= H100_SMEM, f"{fn.__name__} {constexprs}: {shared} bytes of shared memory > {H100_SMEM}"
+    print(f"{fn.__name__}: {shared} bytes shared, {kernel.metadata.num_warps} warps")
+    return kernel
+
+
+def _decode_launch(*, layout="HND", quant=KVQuant.NONE, store=None, dtype=torch.bfloat16, hq=32, hkv=8, d=128,
+                   bs=16, mtp=1, parts=1, hp=1, prefill=False, alibi=False, softcap=0.0, window=0, dv=None,
+                   custom_mask=False):
+    nb = 64
+    kc, vc = allocate_kv_cache(nb, bs, hkv, d, store if quant != KVQuant.NONE else dtype, layout, META, quant)
+    if dv is not None:
+        vc = torch.empty(kc.shape[:3] + (dv,), dtype=kc.dtype, device=META)
+    info = describe_kv_cache(kc, vc, layout if layout in ("NHD", "HND") else None)
+    q = torch.empty(4 * mtp, hq, d, dtype=dtype, device=META)
+    out = torch.empty(4 * mtp, hq, dv or d, dtype=dtype, device=META)
+    if quant == KVQuant.NONE:
+        ks = vs = None
+    elif quant == KVQuant.PER_TENSOR_8BIT:
+        ks = vs = torch.empty(1, device=META)
+    elif quant == KVQuant.PER_HEAD_8BIT:
+        ks = vs = torch.empty(hkv, device=META)
+    else:
+        ks = vs = torch.empty(nb, hkv, bs, device=META)
+    kq, vq, ka, va = kv_quant_for(q, kc, vc, info, ks, vs, "auto" if quant == KVQuant.NONE else "inferred", quant)
+    bt = torch.empty(4, 300, dtype=torch.int32, device=META)
+    ctx = torch.empty(4, dtype=torch.int32, device=META)
+    extra = {}
+    if prefill:
+        extra = dict(new_k=torch.empty(4 * mtp, hkv, d, dtype=dtype, device=META),
+                     new_v=torch.empty(4 * mtp, hkv, dv or d, dtype=dtype, device=META),
+                     qo_indptr=torch.empty(5, dtype=torch.int32, device=META))
+    if custom_mask:
+        extra.update(custom_mask=torch.empty(1 << 20, dtype=torch.uint8, device=META),
+                     mask_indptr=torch.empty(4, dtype=torch.int32, device=META), mask_prefix=True)
+    return prepare_launch(out, q, kc, vc, info, scale=0.1, max_context_len=4096, block_tables=bt, context_lens=ctx,
+                          k_quant=int(kq), v_quant=int(vq), k_scale=ka, v_scale=va, max_qlen=mtp, high_precision=hp,
+                          num_partitions=parts, alibi_slopes=torch.empty(hq, device=META) if alibi else None,
+                          softcap=softcap, sliding_window=window, **extra)
+
+
+PT, PH, PTEN, T4 = KVQuant.PER_TOKEN_8BIT, KVQuant.PER_HEAD_8BIT, KVQuant.PER_TENSOR_8BIT, KVQuant.PER_TOKEN_4BIT
+DECODE_CONFIGS = {
+    "bf16-hnd-d128-g4": dict(),
+    "bf16-hnd-d128-g4-split": dict(parts=4),
+    "fp8-pertensor-vllm": dict(layout="vllm", quant=PTEN, store=FP8),
+    "fp8-pertensor-shuffled-split": dict(layout="vllm_shuffled", quant=PTEN, store=FP8, parts=3),
+    "fp8-pertoken-hnd-hp0": dict(quant=PT, store=FP8, hp=0),
+    "fp8-pertoken-hnd-hp1": dict(quant=PT, store=FP8, hp=1),
+    "fp8-pertoken-hnd-hp2": dict(quant=PT, store=FP8, hp=2),
+    "fp8-perhead-nhd-hp0": dict(layout="NHD", quant=PH, store=FP8, hp=0),
+    "int8-pertoken-vllm": dict(layout="vllm", quant=PT, store=torch.int8),
+    "int8-perhead-shuffled": dict(layout="vllm_shuffled", quant=PH, store=torch.int8),
+    "int4-pertoken-nhd": dict(layout="NHD", quant=T4),
+    "int4-pertoken-vllm-hp2": dict(layout="vllm", quant=T4, hp=2),
+    "fp16-d64-bs1-g1": dict(dtype=torch.float16, d=64, bs=1, hq=8, hkv=8),
+    "bf16-d256-bs256": dict(d=256, bs=256),
+    "bf16-d256-fp8-split": dict(d=256, quant=PT, store=FP8, parts=2),
+    "bf16-d80-g5": dict(d=80, hq=10, hkv=2),
+    "bf16-mtp4-g16": dict(hq=16, hkv=1, mtp=4),
+    "bf16-d256-mtp4-g16": dict(hq=16, hkv=1, mtp=4, d=256, bs=256),
+    "bf16-alibi-softcap-window": dict(layout="NHD", alibi=True, softcap=30.0, window=128, mtp=2),
+    "prefill-bf16": dict(layout="vllm", prefill=True, mtp=128, hq=32, hkv=8),
+    "prefill-fp8-window": dict(layout="vllm", prefill=True, mtp=64, quant=PTEN, store=FP8, window=256),
+    "extend-dqk192-dv128": dict(layout="NHD", prefill=True, d=192, dv=128, mtp=64, hq=16, hkv=16, bs=1),
+    "extend-mla-576-512": dict(layout="NHD", prefill=True, d=576, dv=512, mtp=64, hq=16, hkv=1, bs=1),
+    "extend-custom-mask": dict(layout="NHD", prefill=True, mtp=64, hq=16, hkv=16, bs=1, custom_mask=True),
+}
+
+
+VECTOR_CHECKED = ("bf16-hnd-d128-g4", "bf16-hnd-d128-g4-split", "fp8-pertensor-vllm", "fp8-pertensor-shuffled-split",
+                  "fp8-pertoken-hnd-hp1", "int8-pertoken-vllm", "int8-perhead-shuffled")
+
+
+@pytest.mark.parametrize("name", list(DECODE_CONFIGS))
+def test_paged_attention_kernel_compiles_for_sm90(name):
+    launch = _decode_launch(**DECODE_CONFIGS[name])
+    kernel = compile_sm90(_paged_attn_kernel, launch.args, launch.constexprs, launch.num_warps, launch.num_stages)
+    ptx = kernel.asm["ptx"]
+    if name in VECTOR_CHECKED:
+        # the K and V tiles must move in 16-byte pieces (cp.async.cg copies only 16 bytes), and no
+        # fp8/int8 tile may fall back to byte loads (the token-contiguous V layouts did, once)
+        assert "cp.async.cg.shared.global" in ptx or "ld.global.v4" in ptx, "no 16-byte loads of the KV tiles"
+        assert "ld.global.b8" not in ptx and "ld.global.u8" not in ptx, "byte loads of an 8-bit KV tile"
+
+
+def test_splitk_merge_compiles_for_sm90():
+    args = [torch.empty(8, 4, 16, 128, device=META), torch.empty(8, 4, 16, device=META),
+            torch.empty(8, 4, 16, device=META), torch.empty(8, 4, 128, dtype=torch.bfloat16, device=META),
+            torch.empty(8, 4, device=META)] + [4, 16, 128] + [1] * 15
+    for has_sum, write_lse in ((True, False), (False, True)):
+        compile_sm90(ta._splitk_merge_kernel, args, dict(BLOCK_K=16, BLOCK_D=128, HAS_SUM=has_sum,
+                                                         WRITE_LSE=write_lse))
+
+
+@pytest.mark.parametrize("mode,cache_dtype", [(tc.MODE_CAST, torch.bfloat16), (tc.MODE_PER_TENSOR, FP8),
+                                              (tc.MODE_PER_TOKEN, torch.int8), (tc.MODE_INT4, torch.uint8),
+                                              (tc.MODE_BLOCK, FP8)])
+def test_cache_write_kernels_compile_for_sm90(mode, cache_dtype):
+    src = torch.empty(16, 8, 128, dtype=torch.bfloat16, device=META)
+    args = [src, torch.empty(16, dtype=torch.int64, device=META), torch.empty(64, 8, 16, 128, dtype=cache_dtype,
+                                                                                 device=META),
+            torch.empty(8, 1024, device=META)] + [1] * 8 + [8, 128, 448.0, 1024]
+    compile_sm90(tc._cache_write_kernel, args, dict(KV_BLOCK=16, TX=16, CX=128, s_t_hi=0, s_t_lo=1024, s_c_hi=0,
+                                                    s_c_lo=1, MODE=mode,
+                                                    IS_INT=cache_dtype == torch.int8, BLOCK_H=8,
+                                                    BLOCK_D=64 if mode == tc.MODE_INT4 else 128))
+    if mode == tc.MODE_BLOCK:
+        compile_sm90(tc._block_absmax_kernel, [src, args[1], args[3]] + [1] * 5 + [8, 128, 448.0, 1024],
+                     dict(KV_BLOCK=16, BLOCK_H=8, BLOCK_D=128))
+        compile_sm90(tc._block_requant_kernel, [args[2], args[3], args[3]] + [1] * 8 + [128, 448.0],
+                     dict(KV_BLOCK=16, TX=16, CX=128, IS_INT=False, BLOCK_T=16, BLOCK_D=128))
+
+
+def test_copy_blocks_kernel_compiles_for_sm90():
+    compile_sm90(tc._copy_blocks_kernel, [torch.empty(64, 4096, dtype=torch.bfloat16, device=META),
+                                          torch.empty(8, 2, dtype=torch.int64, device=META), 4096, 64],
+                 dict(BLOCK=1024))
