@@ -551,7 +551,7 @@ def flash_bwd(do, q, k, v, out, lse, *, softmax_scale: float, causal: bool, wind
         else:
             dbias_mode = 1
             dbias_buf = torch.zeros(bias_shape, dtype=torch.float32, device=dev)
-    cfg_kv, cfg_q = bwd_configs(p["d_qk"], p["d_v"], config)
+    cfg_kv, cfg_q = bwd_configs(p["d_qk"], p["d_v"], config, masked=has_window)
 
     common_flags = dict(D_QK=p["d_qk"], D_V=p["d_v"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
                         IS_VARLEN=varlen, HAS_SEQSTART=p["has_seqstart"], HAS_WINDOW=has_window,

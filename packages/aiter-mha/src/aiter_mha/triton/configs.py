@@ -118,9 +118,16 @@ def split_bwd_config(config: dict) -> tuple[dict | None, dict | None]:
     return dict(config), dict(config)
 
 
-def bwd_configs(d_qk: int, d_v: int, config: dict | None = None) -> tuple[dict, dict]:
+# Causal / windowed dK/dV at d=128: 64 query rows per step beat 32 on the H100 (320 vs 301
+# TFLOP/s at s=16k, 301 vs 278 at s=8k): the masked diagonal blocks amortize better over taller steps.
+BWD_MASKED_CONFIGS = {128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)}
+
+
+def bwd_configs(d_qk: int, d_v: int, config: dict | None = None, *, masked: bool = False) -> tuple[dict, dict]:
     """(dK/dV kernel config, dQ kernel config); ``config`` (or AITER_MHA_BWD_CONFIG) overrides."""
     cfg_kv, cfg_q = _pick(BWD_CONFIGS, d_qk, d_v), _pick(BWD_DQ_CONFIGS, d_qk, d_v)
+    if masked and _bucket(d_qk, d_v) in BWD_MASKED_CONFIGS:
+        cfg_kv = dict(BWD_MASKED_CONFIGS[_bucket(d_qk, d_v)])
     override = config or _env_override("AITER_MHA_BWD_CONFIG")
     if override:
         kv, q = split_bwd_config(override)
