@@ -32,7 +32,9 @@ def _siblings(package: str) -> list[str]:
 
 def _install_editable(session: nox.Session, packages: list[str]) -> None:
     session.install(TORCH)
-    session.install("pytest>=8", *[f"-e{ROOT / 'packages' / p}" for p in packages])
+    # aiter-core's bench extra (matplotlib): the families' tests check their PNG plots too
+    specs = [f"-e{ROOT / 'packages' / p}" + ("[bench]" if p == "aiter-core" else "") for p in packages]
+    session.install("pytest>=8", *specs)
 
 
 @nox.session(tags=["ci"])
