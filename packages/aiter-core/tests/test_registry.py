@@ -184,3 +184,11 @@ def test_device_reasons(monkeypatch):
     assert registry.triton_device_reasons("cpu") == []
     assert registry.triton_available() is None
     assert registry.triton_device_reasons("meta")
+
+
+def test_dtype_reasons():
+    import torch
+
+    assert "interpreter" in registry.triton_dtype_reasons("cpu", [torch.bfloat16, None])[0]
+    assert registry.triton_dtype_reasons("cpu", [torch.float16, torch.float8_e4m3fn]) == []
+    assert registry.always_available() is None

@@ -392,6 +392,29 @@ def triton_device_reasons(device) -> list[str]:
     return [f"device type {device.type!r} is not supported by the Triton kernels"]
 
 
+def triton_dtype_reasons(device, dtypes) -> list[str]:
+    """Why Triton kernels cannot compute with ``dtypes`` on ``device``: the CPU interpreter has
+    no bf16 arithmetic (and its bf16 ``tl.dot`` is silently wrong); fp8 needs sm_89 or newer."""
+    import torch
+
+    device = torch.device(device)
+    dtypes = [d for d in dtypes if d is not None]
+    reasons = []
+    if device.type == "cpu" and torch.bfloat16 in dtypes:
+        reasons.append("bf16 arithmetic is not supported by the Triton interpreter")
+    has_fp8 = any(d.is_floating_point and d.itemsize == 1 for d in dtypes)
+    if has_fp8 and device.type == "cuda" and torch.cuda.is_available() and torch.version.hip is None:
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            reasons.append(f"fp8 needs sm_89 or newer, this device is sm_{cap[0]}{cap[1]}")
+    return reasons
+
+
+def always_available() -> str | None:
+    """Availability check of backends that run anywhere (the PyTorch references)."""
+    return None
+
+
 __all__ = [
     "PLUGIN_API_VERSION",
     "BackendSpec",
@@ -400,6 +423,7 @@ __all__ = [
     "Problem",
     "Registry",
     "UnsupportedError",
+    "always_available",
     "dispatch",
     "explain",
     "families",
@@ -414,4 +438,5 @@ __all__ = [
     "specs_for",
     "triton_available",
     "triton_device_reasons",
+    "triton_dtype_reasons",
 ]

@@ -15,7 +15,14 @@ op's arguments as keywords and returns ``(out, lse, s_dmask)`` for forward ops a
 
 from __future__ import annotations
 
-from aiter_core.registry import BackendSpec, Family, triton_available, triton_device_reasons
+from aiter_core.registry import (
+    BackendSpec,
+    Family,
+    always_available,
+    triton_available,
+    triton_device_reasons,
+    triton_dtype_reasons,
+)
 
 OPS = ("mha_fwd", "mha_varlen_fwd", "mha_bwd", "mha_varlen_bwd")
 TRITON_PRIORITY = 100
@@ -40,14 +47,9 @@ def triton_supports(problem) -> list[str]:
             reasons.append(f"fp8 dtype {problem.dtype} is not supported (only float8_e4m3fn)")
         if problem.backward:
             reasons.append("fp8 has no backward")
-        if problem.device_type == "cuda" and torch.cuda.is_available() and torch.version.hip is None:
-            cap = torch.cuda.get_device_capability(problem.device)
-            if cap < (8, 9):
-                reasons.append(f"fp8 needs sm_89 or newer, this device is sm_{cap[0]}{cap[1]}")
     elif problem.dtype not in allowed:
         reasons.append(f"dtype {problem.dtype} is not supported (fp16, bf16, fp32, fp8 e4m3fn)")
-    if interpreted and problem.dtype == torch.bfloat16:
-        reasons.append("bf16 arithmetic is not supported by the Triton interpreter")
+    reasons += triton_dtype_reasons(problem.device, [problem.dtype])
     if interpreted and problem.fp8:
         # the fp8 kernel multiplies P and V in bf16, and bf16 tl.dot is silently wrong when interpreted
         reasons.append("fp8 is not supported by the Triton interpreter (its bf16 tl.dot is wrong there)")
@@ -64,10 +66,6 @@ def reference_supports(problem) -> list[str]:
     return []
 
 
-def _always_available() -> str | None:
-    return None
-
-
 def backend_specs() -> list[BackendSpec]:
     """Entry point ``aiter.backends`` -> ``mha``: every backend of every MHA op."""
     specs = []
@@ -82,7 +80,7 @@ def backend_specs() -> list[BackendSpec]:
         specs.append(
             BackendSpec(
                 op=op, backend="reference", impl=f"aiter_mha.backends:reference_{op}", priority=REFERENCE_PRIORITY,
-                available=_always_available, supports=reference_supports, cuda_graph=False,
+                available=always_available, supports=reference_supports, cuda_graph=False,
                 description="PyTorch reference (any device; syncs with the host, not for CUDA graphs)",
             )
         )

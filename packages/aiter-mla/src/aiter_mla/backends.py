@@ -14,7 +14,14 @@ Triton): the entry points only describe.
 
 from __future__ import annotations
 
-from aiter_core.registry import BackendSpec, Family, triton_available, triton_device_reasons
+from aiter_core.registry import (
+    BackendSpec,
+    Family,
+    always_available,
+    triton_available,
+    triton_device_reasons,
+    triton_dtype_reasons,
+)
 
 ATTENTION_OPS = (
     "mla_decode_fwd",
@@ -36,27 +43,15 @@ __all__ = ["OPS", "backend_specs", "family", "triton_supports", "reference_suppo
 
 def triton_supports(problem) -> list[str]:
     """Why the Triton kernels cannot run ``problem`` (empty list: they can)."""
-    import torch
 
     reasons = list(triton_device_reasons(problem.device))
-    dtypes = [d for d in getattr(problem, "dtypes", ()) if d is not None]
-    fp8 = [d for d in dtypes if d.itemsize == 1 and d.is_floating_point]
-    if problem.device_type == "cpu" and torch.bfloat16 in dtypes:
-        reasons.append("bf16 arithmetic is not supported by the Triton interpreter")
-    if fp8 and problem.device_type == "cuda" and torch.cuda.is_available() and torch.version.hip is None:
-        cap = torch.cuda.get_device_capability(problem.device)
-        if cap < (8, 9):
-            reasons.append(f"fp8 needs sm_89 or newer, this device is sm_{cap[0]}{cap[1]}")
+    reasons += triton_dtype_reasons(problem.device, getattr(problem, "dtypes", ()))
     return reasons
 
 
 def reference_supports(problem) -> list[str]:
     """The reference runs everything the API accepts, on any device."""
     return []
-
-
-def _always_available() -> str | None:
-    return None
 
 
 def backend_specs() -> list[BackendSpec]:
@@ -70,7 +65,7 @@ def backend_specs() -> list[BackendSpec]:
         ))
         specs.append(BackendSpec(
             op=op, backend="reference", impl=f"aiter_mla.backends:reference_{op}", priority=REFERENCE_PRIORITY,
-            available=_always_available, supports=reference_supports, cuda_graph=False,
+            available=always_available, supports=reference_supports, cuda_graph=False,
             description="PyTorch reference (any device; syncs with the host, not for CUDA graphs)",
         ))
     return specs
