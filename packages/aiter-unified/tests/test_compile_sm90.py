@@ -1,0 +1,110 @@
+"""Compile-only tier: cross-compile the unified kernel for sm_90 on the CPU for every configuration
+family the launcher picks (2D/3D, decode/prefill tiles, head dims 64-512, GQA 1/3/8/16, KV block
+sizes 16-128, bf16 / fp8 KV / fp8 q+KV, fp8 output, every optional feature) and check each fits
+the H100's shared memory (232448 bytes per block, opt-in). Arguments are built from meta tensors
+through the launcher's own ``plan`` and ``kernel_args``."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1",
+                                reason="cross-compilation needs TRITON_INTERPRET unset")
+
+import triton  # noqa: E402
+
+from aiter_unified.triton.kernel import unified_attn_kernel  # noqa: E402
+from aiter_unified.triton.launch import kernel_args, plan  # noqa: E402
+
+H100_SMEM = 232448
+META = "meta"
+BF16, FP8 = torch.bfloat16, torch.float8_e4m3fn
+_PTR = {torch.float16: "fp16", BF16: "bf16", torch.float32: "fp32", FP8: "fp8e4nv", torch.int32: "i32"}
+
+
+def _ty(v):
+    if isinstance(v, torch.Tensor):
+        return "*" + _PTR[v.dtype]
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, int):
+        return "i32" if -2**31 <= v < 2**31 else "i64"
+    if isinstance(v, float):
+        return "fp32"
+    raise TypeError(type(v))
+
+
+def compile_sm90(fn, args, constexprs, num_warps, num_stages):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {name: _ty(v) for name, v in zip(fn.arg_names, args)}
+    for k in constexprs:
+        sig[k] = "constexpr"
+    # what the launcher specialises at run time: 16-byte aligned pointers, ints divisible by 16
+    attrs = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(args)
+             if isinstance(v, torch.Tensor) or (isinstance(v, int) and not isinstance(v, bool) and v % 16 == 0)}
+    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    shared = kernel.metadata.shared
+    assert shared <= H100_SMEM, f"{constexprs}: {shared} bytes of shared memory > {H100_SMEM}"
+    return kernel
+
+
+# (q dtype, kv dtype, out dtype, Hq, Hk, D, block, max_seqlen_q, max_seqlen_k, window, features, kernel)
+CONFIGS = [
+    (BF16, BF16, BF16, 32, 8, 128, 16, 1, 4096, -1, "", "3d"),          # decode, split KV
+    (BF16, BF16, BF16, 32, 8, 128, 16, 2048, 2048, -1, "", "2d"),       # prefill
+    (BF16, BF16, BF16, 32, 8, 128, 64, 1024, 4096, -1, "", "2d"),       # mixed batch
+    (BF16, FP8, BF16, 32, 8, 128, 16, 1, 4096, -1, "kv", "3d"),         # fp8 KV decode
+    (BF16, FP8, BF16, 32, 8, 128, 32, 512, 4096, 255, "kv", "2d"),      # fp8 KV prefill + window
+    (FP8, FP8, BF16, 8, 1, 128, 16, 512, 512, -1, "qkv", "2d"),         # fp8 q + KV
+    (FP8, FP8, FP8, 64, 8, 64, 64, 1, 8192, -1, "qkv,oscale", "3d"),    # fp8 out, 3D
+    (FP8, FP8, FP8, 64, 8, 64, 64, 777, 8192, -1, "qkv,oscale", "2d"),  # fp8 out, 2D
+    (BF16, BF16, BF16, 8, 8, 64, 16, 777, 777, 255, "all", "2d"),       # every feature
+    (BF16, BF16, BF16, 8, 1, 64, 128, 1, 8192, -1, "all", "3d"),
+    (BF16, BF16, BF16, 24, 8, 128, 16, 300, 4096, -1, "sinks", "2d"),   # GQA 3
+    (BF16, BF16, BF16, 48, 8, 128, 16, 1, 4096, -1, "sinks", "3d"),     # GQA 6
+    (BF16, BF16, BF16, 128, 8, 128, 16, 64, 4096, -1, "", "2d"),        # GQA 16
+    (BF16, BF16, BF16, 8, 1, 256, 16, 512, 512, 255, "all", "2d"),      # D 256
+    (BF16, BF16, BF16, 8, 1, 256, 64, 1, 8192, -1, "sinks", "3d"),
+    (BF16, FP8, BF16, 8, 1, 512, 16, 512, 512, -1, "kv,sinks", "2d"),   # D 512
+    (BF16, BF16, BF16, 8, 8, 512, 64, 1, 8192, -1, "sinks", "3d"),
+    (torch.float16, torch.float16, torch.float16, 8, 1, 96, 16, 128, 2048, -1, "", "2d"),  # D 96, padded
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[f"{i}-{c[5]}-{c[11]}" for i, c in enumerate(CONFIGS)])
+def test_config_compiles_and_fits_sm90(cfg):
+    qdt, kvdt, odt, hq, hk, d, bs, mq, mk, wl, feats, kind = cfg
+    feats = set(feats.replace("all", "alibi,qq,sinks,softcap").split(",")) - {""}
+    num_seqs, tokens = 8, max(8 * mq // 2, 8)
+    q = torch.empty(tokens, hq, d, dtype=qdt, device=META)
+    k = torch.empty(4096, bs, hk, d, dtype=kvdt, device=META)
+    out = torch.empty(tokens, hq, d, dtype=odt, device=META)
+    i32 = dict(dtype=torch.int32, device=META)
+    cu, used, table = torch.empty(num_seqs + 1, **i32), torch.empty(num_seqs, **i32), torch.empty(num_seqs, 512, **i32)
+    scalar = torch.empty(1, device=META)
+    window = 1 + wl if wl >= 0 else 0
+    p = plan(num_tokens=tokens, num_seqs=num_seqs, heads_q=hq, heads_kv=hk, head_dim=d, max_seqlen_q=mq,
+             max_seqlen_k=mk, sliding_window=window, device=torch.device("cpu"), force=kind)
+    segs = None
+    if not p.use_2d:
+        segs = dict(segm_out=torch.empty(tokens, hq, p.num_segments, p.block_d, device=META),
+                    segm_max=torch.empty(tokens, hq, p.num_segments, device=META),
+                    segm_sum=torch.empty(tokens, hq, p.num_segments, device=META))
+    args, consts = kernel_args(
+        q, k, k, out, cu, used, table, softmax_scale=0.1, softcap=30.0 if "softcap" in feats else 0.0,
+        sliding_window=window, sinks=torch.empty(hq, device=META) if "sinks" in feats else None,
+        alibi_slopes=torch.empty(hq, device=META) if "alibi" in feats else None,
+        qq_bias=torch.empty(mq, mq, device=META) if "qq" in feats else None,
+        q_descale=scalar if "qkv" in feats else None, k_descale=scalar if feats & {"kv", "qkv"} else None,
+        v_descale=scalar if feats & {"kv", "qkv"} else None, output_scale=scalar if "oscale" in feats else None,
+        p=p, **(segs or {}))
+    kernel = compile_sm90(unified_attn_kernel, args, consts, p.num_warps, p.num_stages)
+    print(f"{cfg}: BLOCK_M {p.block_m} TILE_N {p.tile_n} segs {p.num_segments} "
+          f"warps {p.num_warps} stages {p.num_stages}: {kernel.metadata.shared} bytes shared")

@@ -1,0 +1,98 @@
+"""The aiter:: ops (registration, fake implementations), the backend registry entries and the
+2D/3D heuristic."""
+
+from __future__ import annotations
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import aiter_unified  # noqa: F401
+from aiter_core.registry import explain, families, select, specs
+from aiter_unified import ops
+from aiter_unified.backends import make_problem, reference_supports
+from aiter_unified.triton.launch import plan
+
+CPU = torch.device("cpu")
+
+
+def _plan(**kw):
+    base = dict(num_tokens=64, num_seqs=64, heads_q=32, heads_kv=8, head_dim=128, max_seqlen_q=1,
+                max_seqlen_k=4096, sliding_window=0, device=CPU)
+    base.update(kw)
+    return plan(**base)
+
+
+def test_heuristic_thresholds(monkeypatch):
+    monkeypatch.setenv("AITER_NUM_CU", "132")
+    import aiter_unified.triton.launch as launch
+
+    monkeypatch.setattr(launch, "_sm_count", lambda device: 132)
+    decode = _plan()  # 64 seqs x 8 KV heads = 512 programs < 4 x 132: split KV
+    assert not decode.use_2d and decode.num_segments >= 2
+    assert decode.num_segments & (decode.num_segments - 1) == 0
+    assert decode.block_m == 16 and decode.block_q == 4
+    assert _plan(sliding_window=128).use_2d
+    assert _plan(max_seqlen_k=512).use_2d
+    assert _plan(num_seqs=128).use_2d  # 1024 programs >= 528
+    prefill = _plan(num_tokens=8 * 2048, num_seqs=8, max_seqlen_q=2048, max_seqlen_k=2048)
+    assert prefill.use_2d and prefill.block_m == 64 and prefill.block_q == 16
+    # non power of two GQA: the group is padded to 8 rows
+    odd = _plan(heads_q=40, heads_kv=8)
+    assert odd.group_p2 == 8 and odd.block_m == 16 and odd.block_q == 2
+    # big groups get one token per block
+    assert _plan(heads_q=64, heads_kv=1).block_m == 64
+    assert _plan(skip_reduce=True, max_seqlen_k=100).num_segments >= 2
+    assert _plan(force="2d").use_2d and not _plan(force="3d", max_seqlen_k=100).use_2d
+
+
+def test_registry_and_family():
+    assert any(f.name == "unified" for f in families())
+    q = torch.zeros(2, 4, 32, dtype=torch.float16)
+    k = torch.zeros(3, 16, 2, 32, dtype=torch.float16)
+    assert select("unified_attention", make_problem(q, k), backend="reference").backend == "reference"
+    # the reference has no segment buffers: skip_reduce has the Triton backend only
+    assert [s.backend for s in specs("unified_attention_segments")] == ["triton"]
+    assert "skip_reduce" in " ".join(reference_supports(make_problem(q, k, skip_reduce=True)))
+    assert "triton" in explain("unified_attention", make_problem(q, k))
+
+
+def test_ops_registered_with_fakes():
+    assert torch.ops.aiter.unified_attention is ops.unified_attention_op
+    with FakeTensorMode():
+        q = torch.empty(10, 8, 64, dtype=torch.float16)
+        k = torch.empty(20, 16, 2, 64, dtype=torch.float16)
+        cu = torch.empty(4, dtype=torch.int32)
+        used = torch.empty(3, dtype=torch.int32)
+        table = torch.empty(3, 40, dtype=torch.int32)
+        args = (q, k, k, torch.empty_like(q), cu, 4, used, 600, 0.1, [-1, -1], table, 0.0, None, None, None, None,
+                None, None, None, "")
+        segs = torch.ops.aiter.unified_attention_segments(*args)
+        p = plan(num_tokens=10, num_seqs=3, heads_q=8, heads_kv=2, head_dim=64, max_seqlen_q=4, max_seqlen_k=600,
+                 sliding_window=0, device=q.device, skip_reduce=True)
+        assert tuple(segs[0].shape) == (10, 8, p.num_segments, 64)
+        assert tuple(segs[1].shape) == tuple(segs[2].shape) == (10, 8, p.num_segments)
+        assert torch.ops.aiter.unified_attention(*args) is None
+    schema = str(torch.ops.aiter.unified_attention.default._schema)
+    assert "Tensor(a3!) out" in schema and schema.count("!") == 1
+
+
+def test_bench_cli_rejects_unknown_shapes():
+    import pytest
+
+    from aiter_unified.bench import parse_args
+
+    assert parse_args(["--shapes", "decode,mixed"]).shape_names == ("decode", "mixed")
+    with pytest.raises(SystemExit):
+        parse_args(["--shapes", "decode,huge"])
+
+
+def test_opcheck_unified_attention_op():
+    """Schema (exact mutation of out), fake tensor and AOT dispatch checks of the aiter:: op."""
+    from aiter_unified.testing import make_batch
+
+    b = make_batch([(1, 20), (4, 9)], heads_q=4, heads_kv=2, head_dim=32, block_size=16, dtype=torch.float32,
+                   seed=0)
+    args = (b.q, b.k, b.v, torch.empty_like(b.q), b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k, b.max_seqlen_k, 0.1,
+            [-1, -1], b.block_table, 0.0, None, None, None, None, None, None, torch.randn(4), "reference")
+    result = torch.library.opcheck(torch.ops.aiter.unified_attention.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
