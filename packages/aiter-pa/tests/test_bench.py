@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1",
                                 reason="the CPU run of the bench machinery needs TRITON_INTERPRET=1")
 
 
-def test_bench_machinery_writes_every_row_kind(tmp_path, monkeypatch):
+def test_bench_machinery_writes_every_row_kind(tmp_path, monkeypatch, capsys):
     from aiter_pa import bench
 
     times = {"n": 0}
@@ -26,8 +26,9 @@ def test_bench_machinery_writes_every_row_kind(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_graph_ms", fake_ms)
     monkeypatch.setattr(bench, "_eager_ms", fake_ms)
     rc = bench.main(["--device", "cpu", "--tiny", "--providers", "aiter", "--no-ceilings", "--out", str(tmp_path),
-                     "--shapes", "bf16-ctx4k,fp8-token-ctx4k"])
+                     "--shapes", "bf16-ctx4k,fp8-token-ctx4k", "--quiet"])
     assert rc == 0
+    assert "building" not in capsys.readouterr().err, "--quiet must silence the progress lines"
     data = json.loads((tmp_path / "pa_decode.json").read_text())
     ops = {(r["op"], r["provider"]) for r in data["rows"]}
     assert ("decode", "aiter") in ops and ("decode-eager", "aiter") in ops
@@ -38,3 +39,12 @@ def test_bench_machinery_writes_every_row_kind(tmp_path, monkeypatch):
     assert data["metadata"]["speedup_fp8-token-ctx4k_over_bf16"] == 1.0
     assert (tmp_path / "pa_decode.md").exists() and (tmp_path / "pa_decode.png").exists()
     assert times["n"] >= 12
+
+
+def test_bench_status_lines_follow_quiet(capsys):
+    from aiter_pa import bench
+
+    bench._status(bench.parse_args([]), "building a cache ...")
+    assert "building a cache" in capsys.readouterr().err
+    bench._status(bench.parse_args(["--quiet"]), "building a cache ...")
+    assert capsys.readouterr().err == ""

@@ -111,6 +111,12 @@ DECODE_CONFIGS = {
     "int8-pertoken-vllm": dict(layout="vllm", quant=PT, store=torch.int8),
     "int8-perhead-shuffled": dict(layout="vllm_shuffled", quant=PH, store=torch.int8),
     "int4-pertoken-nhd": dict(layout="NHD", quant=T4),
+    # what pa_fwd_asm and the hp tests launch (Triton 3.6 once failed to compile these:
+    # TritonGPURemoveLayoutConversions on the block-id select; see _group_block_lookup)
+    "fp8-pertensor-shuffled-hp2-g4": dict(layout="vllm_shuffled", quant=PTEN, store=FP8, hp=2, hq=4, hkv=1),
+    "int8-pertoken-shuffled-hp2": dict(layout="vllm_shuffled", quant=PT, store=torch.int8, hp=2),
+    "fp8-pertoken-shuffled-hp0-split": dict(layout="vllm_shuffled", quant=PT, store=FP8, hp=0, parts=4),
+    "int4-pertoken-hnd-mtp2-bs1": dict(quant=T4, bs=1, hq=12, hkv=2, d=64, mtp=2),
     "int4-pertoken-vllm-hp2": dict(layout="vllm", quant=T4, hp=2),
     "fp16-d64-bs1-g1": dict(dtype=torch.float16, d=64, bs=1, hq=8, hkv=8),
     "bf16-d256-bs256": dict(d=256, bs=256),

@@ -34,7 +34,7 @@ Device functions (all ``@triton.jit``)
 ``paged_block_lookup(block_table_row_ptr, tok, BLOCK_SIZE, num_logical_blocks, num_physical_blocks,
 mask) -> (phys, off, valid)``
     logical token index -> physical block id (int64), offset inside the block, and validity.
-    Block ids outside ``[0, num_physical_blocks)`` (negative = padding) make the token invalid, so
+    Block ids outside ``[0, num_physical_blocks)`` (negative = padding) make the token invalid (the id is then clamped into range), so
     kernels skip it instead of reading out of bounds.
 ``paged_token_offset(phys, off, s_blk, TX, s_t_hi, s_t_lo)`` and
 ``packed_col_offset(col, CX, s_c_hi, s_c_lo)``: the two halves of the address formula (int64).
@@ -177,7 +177,11 @@ def paged_block_lookup(block_table_row_ptr, tok, BLOCK_SIZE: tl.constexpr, num_l
     valid = mask & (logical < num_logical_blocks)
     phys = tl.load(block_table_row_ptr + logical, mask=valid, other=-1).to(tl.int64)
     valid = valid & (phys >= 0) & (phys < num_physical_blocks)
-    phys = tl.where(valid, phys, 0)
+    # Clamp rather than tl.where(valid, phys, 0): callers use the id in both tile orientations
+    # (K as [D, N], V and scales as [N, D]) and Triton 3.6's layout-conversion pass re-creates a
+    # select per orientation ahead of its condition ("operand #0 does not dominate this use").
+    # Either way the address is in bounds and the caller masks the load with `valid`.
+    phys = tl.minimum(tl.maximum(phys, 0), num_physical_blocks - 1)
     return phys, off, valid
 
 

@@ -1,4 +1,4 @@
-"""Benchmark CLI: ``python -m aiter_pa.bench [--quick] [--out DIR]`` (also ``aiter bench pa``).
+"""Benchmark CLI: ``python -m aiter_pa.bench [--quick] [--quiet] [--out DIR]`` (also ``aiter bench pa``).
 
 Paged decode bandwidth on one GPU, everything measured in the same run:
 
@@ -49,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the copy/matmul ceilings")
     p.add_argument("--out", type=Path, default=None, help="output directory (default ./aiter-pa-bench/<gpu>)")
     p.add_argument("--stem", default="pa_decode", help="output file stem (default pa_decode)")
+    p.add_argument("--quiet", action="store_true", help="no progress output (status lines, progress bar)")
     # for exercising the machinery off-GPU (tests): CPU tensors need TRITON_INTERPRET=1
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
@@ -216,25 +217,31 @@ def _max_err(out, kv, q) -> float:
     return float((out.float() - ref.float()).abs().max().item())
 
 
+def _status(args, message: str) -> None:
+    """A progress line on stderr, unless ``--quiet`` (errors are printed regardless)."""
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr)
+
+
 def run_bench(args) -> int:
     import torch
 
-    from aiter_core.bench import BenchRun, measure_ceilings
+    from aiter_core.bench import BenchRun, measure_ceilings, progress
     from aiter_core.testing import poison
 
     from .triton.launch import KernelConfig
 
     run = BenchRun.start("aiter-pa decode", argv=None)
     if not args.no_ceilings:
-        print("measuring the copy and matmul ceilings ...", file=sys.stderr)
+        _status(args, "measuring the copy and matmul ceilings ...")
         run.ceilings = measure_ceilings()
     failures = 0
     summary = {}
-    for name in args.shape_names:
+    for name in progress(args.shape_names, "pa shapes", quiet=args.quiet):
         shape = SHAPES[name]
         if args.tiny:  # machinery check: same code, toy sizes
             shape = dict(shape, b=2, hq=4, hkv=2, d=32, ctx=40)
-        print(f"[{name}] building a {shape['b']} x {shape['ctx']}-token cache ...", file=sys.stderr)
+        _status(args, f"[{name}] building a {shape['b']} x {shape['ctx']}-token cache ...")
         kv, q = _case(shape, args.layout, device=args.device)
         nbytes = _nbytes(shape, kv)
         params = dict(shape=name, b=shape["b"], hq=shape["hq"], hkv=shape["hkv"], d=shape["d"], ctx=shape["ctx"],

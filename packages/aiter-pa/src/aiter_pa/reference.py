@@ -151,8 +151,20 @@ def _write_rows(cache_nhd: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor
     cache_nhd[s // bs, s % bs] = rows[keep].to(cache_nhd.dtype)
 
 
+def _div(x: torch.Tensor, divisor) -> torch.Tensor:
+    """``x / divisor`` correctly rounded on every device, as the kernels' ``div_rn``. On CUDA,
+    ``tensor / python_float`` is computed as ``tensor * (1 / float)``, which is one ulp off for
+    some values (and then flips fp8/int8 codes); a divisor tensor on x's device takes the true
+    division path on both CPU and CUDA."""
+    if isinstance(divisor, torch.Tensor):
+        divisor = divisor.to(device=x.device, dtype=x.dtype)
+    else:
+        divisor = torch.full((), float(divisor), dtype=x.dtype, device=x.device)
+    return x / divisor
+
+
 def _quantize_per_tensor(x: torch.Tensor, scale, store: torch.dtype) -> torch.Tensor:
-    y = x.float() / (scale.float().reshape(()) if isinstance(scale, torch.Tensor) else float(scale))
+    y = _div(x.float(), scale.float().reshape(()) if isinstance(scale, torch.Tensor) else scale)
     if store == torch.int8:
         y = torch.floor(y + 0.5).clamp(-128, 127)
     elif store.is_floating_point and store.itemsize == 1:
@@ -189,7 +201,7 @@ def reshape_and_cache_pertoken_ref(key, value, key_cache, value_cache, k_scales,
     for src, dst, scales, name in ((key, k, k_scales, "k_scales"), (value, v, v_scales, "v_scales")):
         x = src[keep].float()  # [n, H, D]
         qmax = 7.0 if int4 else dtype_max(dst.dtype)
-        sc = (x.abs().amax(-1).clamp_min(1e-12) / qmax)  # [n, H]
+        sc = _div(x.abs().amax(-1).clamp_min(1e-12), qmax)  # [n, H]
         y = x / sc[..., None]
         if int4:
             qv = torch.floor(y + 0.5).clamp(-8, 7).to(torch.int16) & 0xF
@@ -227,7 +239,7 @@ def reshape_and_cache_block_quant_ref(key, value, key_cache, value_cache, k_scal
         blocks = slots // bs
         old = sc.clone()
         new = old.clone()
-        row_max = x.abs().amax(-1) / qmax  # [n, H]
+        row_max = _div(x.abs().amax(-1), qmax)  # [n, H]
         for i in range(slots.numel()):
             new[blocks[i]] = torch.maximum(new[blocks[i]], row_max[i])
         grown = (new > old)  # [nb, H]

@@ -317,6 +317,18 @@ def test_cache_writes_bf16_fp8_on_gpu():
     reshape_and_cache_pertoken_ref(key, value, rk, rv, rks, rvs, slots)
     assert torch.equal(kc.view(torch.uint8), rk.view(torch.uint8)) and torch.equal(ks, rks)
     assert torch.equal(vc.view(torch.uint8), rv.view(torch.uint8)) and torch.equal(vs, rvs)
+    # the same reference on the CPU (where torch divides exactly; on CUDA `t / float` multiplies by
+    # the reciprocal, which the reference must not depend on) gives the same bytes and scales
+    ck, cv = (torch.zeros(c.shape, dtype=torch.uint8).view(FP8) for c in (kc, vc))
+    cks, cvs = torch.zeros(H, nb * bs), torch.zeros(H, nb * bs)
+    reshape_and_cache_pertoken_ref(key.cpu(), value.cpu(), ck, cv, cks, cvs, slots.cpu())
+    assert torch.equal(kc.view(torch.uint8).cpu(), ck.view(torch.uint8)) and torch.equal(ks.cpu(), cks)
+    assert torch.equal(vc.view(torch.uint8).cpu(), cv.view(torch.uint8)) and torch.equal(vs.cpu(), cvs)
+    # and the scale is the spec's absmax / 448, correctly rounded (an fp64 quotient of fp32 values
+    # rounded once to fp32 is the correctly rounded fp32 quotient)
+    live = slots >= 0
+    expect = (key[live].float().abs().amax(-1).cpu().double() / 448.0).float()  # [n, H]
+    assert torch.equal(ks[:, slots[live].long()].T.cpu(), expect)
 
 
 # -- CUDA graphs and torch.compile ------------------------------------------------------------------------

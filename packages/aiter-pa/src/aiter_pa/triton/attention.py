@@ -18,8 +18,8 @@ exact for fp8/int8/int4 inside bf16/fp16; per-token scales multiply the score co
 probabilities (V), per-tensor / per-head scales fold into the softmax scale (K) and the output (V).
 ``HIGH_PREC`` picks how the probabilities meet V (only different for 8-bit fp V):
 0 = P cast to V's fp8 type and an fp8 PV dot (per-token V scales are normalised by the tile max
-first); 1 = P and V in the query's 16-bit type; 2 = P and dequantized V in fp32 with an IEEE fp32
-dot.
+first; P is scaled by 256 into fp8's normal range and the softmax sums use the rounded P);
+1 = P and V in the query's 16-bit type; 2 = P and dequantized V in fp32 with an IEEE fp32 dot.
 
 Split-K (``SPLIT``): program ``part`` covers keys ``[part * PART, (part+1) * PART)`` and writes the
 normalised partial output, its running max (natural log) and exp-sum; aiter_core's
@@ -165,7 +165,7 @@ def _paged_attn_kernel(
         # (tok < hi) only masks scores and zeroes V rows, never the loads themselves.
         tok = tl.max_contiguous(tl.multiple_of(n0 + tl.arange(0, BLOCK_N), PHYS_GROUP), BLOCK_N)
         tok_g = (tok // PHYS_GROUP) * PHYS_GROUP
-        phys, off_g, gvalid = ta.paged_block_lookup(bt_row, tok_g, KV_BLOCK, nlog, num_phys_blocks, tok_g < hi)
+        phys, _, gvalid = ta.paged_block_lookup(bt_row, tok_g, KV_BLOCK, nlog, num_phys_blocks, tok_g < hi)
         phys = tl.max_constancy(phys, PHYS_GROUP)
         gvalid = tl.max_constancy(gvalid, PHYS_GROUP)
         off = tok % KV_BLOCK
@@ -204,6 +204,7 @@ def _paged_attn_kernel(
             if MASK_PREFIX:
                 keep = keep & (tl.load(mask_ptr + mask_row[:, None] + tok[None, :], mask=keep, other=0) != 0)
         s = tl.where(keep, s * 1.4426950408889634, float("-inf"))
+        l_prev = l_i
         m_i, alpha, p, l_i = ta.online_softmax_step(m_i, l_i, s)
 
         v_tok = ta.paged_token_offset_from_tok(phys, tok, s_vblk, KV_BLOCK, V_TX, s_vt_hi, s_vt_lo)
@@ -212,12 +213,24 @@ def _paged_attn_kernel(
             vsc = ta.load_kv_scale(vs_ptr, QUANT_V, kvh, phys, off, s_vsblk, s_vsh, s_vstok, valid)
         if HIGH_PREC == 0 and V_FP8:
             vz = tl.where(valid[:, None], vx.to(tl.float32), 0.0).to(vx.dtype)
+            # P (<= 1) goes in as P * 256 (<= 256 < 448): small probabilities stay out of fp8's
+            # subnormal range; the power of two adds no rounding. The row sums are taken from the
+            # rounded probabilities the dot used, so their 3-bit rounding cancels in the
+            # normalisation (with the unrounded sums a peaked row was off by up to ~3%).
             if QUANT_V == 2:
                 vmax = tl.max(vsc, 0)
                 vmax = tl.where(vmax > 0.0, vmax, 1.0)
-                pv = tl.dot((p * (vsc / vmax)[None, :]).to(vx.dtype), vz) * vmax
+                ratio = vsc / vmax
+                p8 = (p * (ratio * 256.0)[None, :]).to(vx.dtype)
+                pv = tl.dot(p8, vz) * (vmax * 0.00390625)
+                # a token with V scale 0 contributes nothing to PV but still its exact p to the sum
+                inv = tl.where(ratio > 0.0, 0.00390625 / tl.where(ratio > 0.0, ratio, 1.0), 0.0)
+                used = tl.where(ratio[None, :] > 0.0, p8.to(tl.float32) * inv[None, :], p)
             else:
-                pv = tl.dot(p.to(vx.dtype), vz)
+                p8 = (p * 256.0).to(vx.dtype)
+                pv = tl.dot(p8, vz) * 0.00390625
+                used = p8.to(tl.float32) * 0.00390625
+            l_i = l_prev * alpha + tl.sum(used, 1)
         elif HIGH_PREC == 2:
             v = tl.where(valid[:, None], ta.kv_to_float(vx, QUANT_V, vshift[None, :]), 0.0)
             if QUANT_V == 2 or QUANT_V == 3:

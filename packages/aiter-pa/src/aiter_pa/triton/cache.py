@@ -2,7 +2,10 @@
 plus block copies. One program per token writes all its heads; a negative slot writes nothing.
 
 Rounding: int8/int4 use round-half-up (``floor(y + 0.5)``) after an IEEE division
-(``div_rn``), fp8 rounds to nearest even in the cast; fp8 values are clamped to the finite range.
+(``div_rn``), fp8 rounds to nearest even in the cast (``cvt.rn.satfinite`` on sm_90, the same
+rounding as torch's ``.to(float8_e4m3fn)``); fp8 values are clamped to the finite range. The
+kernels launch with ``enable_fp_fusion=False`` so ``x * ratio + 0.5`` (block re-quantization) is
+two roundings, as in the PyTorch reference, not one fma: the stored bytes match it exactly.
 """
 
 from __future__ import annotations
@@ -167,7 +170,7 @@ def write_cache(src: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tens
         *scale_strides, H, D, qmax, num_slots,
         KV_BLOCK=block_size, TX=addr.TX, CX=addr.CX, s_t_hi=addr.s_t_hi, s_t_lo=addr.s_t_lo, s_c_hi=addr.s_c_hi,
         s_c_lo=addr.s_c_lo, MODE=mode, IS_INT=cache.dtype == torch.int8,
-        BLOCK_H=_pow2(H), BLOCK_D=block_d, num_warps=4,
+        BLOCK_H=_pow2(H), BLOCK_D=block_d, num_warps=4, enable_fp_fusion=False,
     )
 
 
@@ -181,11 +184,11 @@ def block_quant_write(src: torch.Tensor, slot_mapping: torch.Tensor, cache: torc
     old = scales.clone()  # scales is updated in place; the re-quantization needs the old values
     _block_absmax_kernel[(T,)](src, slot_mapping, scales, src.stride(0), src.stride(1), src.stride(2), s_sblk, s_shead,
                                H, D, qmax, num_blocks * block_size, KV_BLOCK=block_size, BLOCK_H=_pow2(H),
-                               BLOCK_D=_pow2(D, 2))
+                               BLOCK_D=_pow2(D, 2), enable_fp_fusion=False)
     _block_requant_kernel[(num_blocks, H)](
         cache, old, scales, s_sblk, s_shead, addr.s_blk, addr.s_head, addr.s_t_hi, addr.s_t_lo, addr.s_c_hi,
         addr.s_c_lo, D, qmax, KV_BLOCK=block_size, TX=addr.TX, CX=addr.CX, IS_INT=cache.dtype == torch.int8,
-        BLOCK_T=min(16, _pow2(block_size)), BLOCK_D=_pow2(D, 2))
+        BLOCK_T=min(16, _pow2(block_size)), BLOCK_D=_pow2(D, 2), enable_fp_fusion=False)
     write_cache(src, slot_mapping, cache, addr, block_size, MODE_BLOCK, scales, (s_sblk, s_shead, 0), num_blocks)
 
 
