@@ -243,3 +243,13 @@ def test_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
 def test_progress_yields_everything():
     assert list(bench.progress(iter(range(5)), "sweep")) == [0, 1, 2, 3, 4]
     assert list(bench.progress([1, 2], "sweep", quiet=True)) == [1, 2]
+
+
+def test_command_line_of_a_module_run(tmp_path):
+    import subprocess
+    import sys as _sys
+
+    (tmp_path / "bench_cmd_probe.py").write_text("from aiter_core.bench import command_line\nprint(command_line())\n")
+    out = subprocess.run([_sys.executable, "-m", "bench_cmd_probe", "--out", "x y"], cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "python -m bench_cmd_probe --out 'x y'"

@@ -342,7 +342,11 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     if not argv:
         return ""
     first = argv[0]
-    if first.endswith("__main__.py"):
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if main_spec is not None and Path(first).resolve() == Path(main_spec.origin or "").resolve():
+        # started as `python -m pkg.mod`: argv[0] holds the file's path, show the module
+        argv = ["python", "-m", main_spec.name.removesuffix(".__main__")] + argv[1:]
+    elif first.endswith("__main__.py"):
         # `python -m pkg` leaves the module's path in argv[0]; show how it was started
         argv = ["python", "-m", Path(first).parent.name] + argv[1:]
     elif first.endswith(".py"):

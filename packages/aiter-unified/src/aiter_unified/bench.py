@@ -130,7 +130,7 @@ def run_bench(args) -> int:
 
     from .testing import make_batch
 
-    run = B.BenchRun.start("unified_attention", argv=sys.argv[1:])
+    run = B.BenchRun.start("unified_attention")
     if not args.no_ceilings:
         run.ceilings = B.measure_ceilings("cuda")
     scale = D ** -0.5
