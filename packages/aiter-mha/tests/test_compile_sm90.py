@@ -16,15 +16,12 @@ triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     pytest.skip("compile-only tier does not run under the interpreter", allow_module_level=True)
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
+from aiter_core.testing import SM90_SMEM_PER_BLOCK, compile_for_sm90  # noqa: E402
 from aiter_mha.triton import configs  # noqa: E402
 from aiter_mha.triton.bwd import bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess_kernel  # noqa: E402
 from aiter_mha.triton.fwd import flash_fwd_kernel  # noqa: E402
 
-H100_SMEM_PER_BLOCK = 232448
-TARGET = GPUTarget("cuda", 90, 32)
+H100_SMEM_PER_BLOCK = SM90_SMEM_PER_BLOCK
 
 FLOAT_ARGS = {"dropout_p", "qk_scale_log2", "softcap_inv_scale", "softcap_log2", "softmax_scale"}
 INT_POINTERS = {"cu_seqlens_q": "*i32", "cu_seqlens_k": "*i32", "seqstart_q": "*i32",
@@ -60,8 +57,8 @@ def _compile(kernel, constexprs, num_warps, num_stages, elem="bf16", kv_elem=Non
             signature[name] = "i32"
         if signature[name].startswith("*") or (aligned and name.startswith("stride")):
             attrs[(idx,)] = [["tt.divisibility", 16]]
-    src = ASTSource(kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    return compile_for_sm90(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
+                            divisible=[i for (i,) in attrs])
 
 
 def _blocks(d_qk, d_v):

@@ -16,14 +16,12 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
     pytest.skip("compile-only tier does not run under the interpreter", allow_module_level=True)
 
 import torch  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
+from aiter_core.testing import SM90_SMEM_PER_BLOCK, compile_for_sm90  # noqa: E402
 from aiter_mla.triton import attention, cache, rope  # noqa: E402
 from aiter_mla.triton.launch import compute_code, decode_config, tiling  # noqa: E402
 
-H100_SMEM_PER_BLOCK = 232448
-TARGET = GPUTarget("cuda", 90, 32)
+H100_SMEM_PER_BLOCK = SM90_SMEM_PER_BLOCK
 FLOAT_ARGS = {"sm_scale", "softcap", "scale"}
 INDEX_NAMES = {"qo_indptr", "kv_indptr", "kv_indices", "kv_last_page_lens", "seqused_k", "block_tables",
                "work_indptr", "work_info", "reduce_indptr", "reduce_final_map", "reduce_partial_map", "slots",
@@ -52,8 +50,8 @@ def _compile(kernel, constexprs, num_warps, num_stages, types):
             signature[name] = "i32"
         if signature[name].startswith("*") or name.startswith("stride") or name.startswith("s_"):
             attrs[(idx,)] = [["tt.divisibility", 16]]
-    src = ASTSource(kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+    return compile_for_sm90(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
+                            divisible=[i for (i,) in attrs])
 
 
 def _decode_constexprs(cfg, *, causal=True, compute=0, table_mode=0, page=64, kv_scale=False,

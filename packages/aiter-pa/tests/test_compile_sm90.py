@@ -15,48 +15,24 @@ import torch
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1",
                                 reason="cross-compilation needs TRITON_INTERPRET unset")
 
-import triton  # noqa: E402
 
 from aiter_core import triton_attn as ta  # noqa: E402
 from aiter_core.quant import KVQuant  # noqa: E402
+from aiter_core.testing import SM90_SMEM_PER_BLOCK, compile_for_sm90, example_signature  # noqa: E402
 from aiter_pa.core import kv_quant_for  # noqa: E402
 from aiter_pa.layouts import allocate_kv_cache, describe_kv_cache  # noqa: E402
 from aiter_pa.triton import cache as tc  # noqa: E402
 from aiter_pa.triton.attention import _paged_attn_kernel  # noqa: E402
 from aiter_pa.triton.launch import prepare_launch  # noqa: E402
 
-H100_SMEM = 232448
+H100_SMEM = SM90_SMEM_PER_BLOCK
 META = "meta"
 FP8 = torch.float8_e4m3fn
-_PTR = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", FP8: "fp8e4nv", torch.int8: "i8",
-        torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
-
-
-def _ty(v):
-    if isinstance(v, torch.Tensor):
-        return "*" + _PTR[v.dtype]
-    if isinstance(v, bool):
-        return "i1"
-    if isinstance(v, int):
-        return "i32" if -2**31 <= v < 2**31 else "i64"
-    if isinstance(v, float):
-        return "fp32"
-    raise TypeError(type(v))
 
 
 def compile_sm90(fn, args, constexprs, num_warps=4, num_stages=2):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig = {name: _ty(v) for name, v in zip(fn.arg_names, args)}
-    for k in constexprs:
-        sig[k] = "constexpr"
-    # what the launcher specialises at run time: 16-byte aligned pointers, ints divisible by 16
-    attrs = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(args)
-             if isinstance(v, torch.Tensor) or (isinstance(v, int) and not isinstance(v, bool) and v % 16 == 0)}
-    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+    sig, divisible = example_signature(fn, args, constexprs)
+    kernel = compile_for_sm90(fn, sig, constexprs, num_warps=num_warps, num_stages=num_stages, divisible=divisible)
     shared = kernel.metadata.shared
     assert shared <= H100_SMEM, f"{fn.__name__} {constexprs}: {shared} bytes of shared memory > {H100_SMEM}"
     print(f"{fn.__name__}: {shared} bytes shared, {kernel.metadata.num_warps} warps")

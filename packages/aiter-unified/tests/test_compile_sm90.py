@@ -14,42 +14,19 @@ import torch
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1",
                                 reason="cross-compilation needs TRITON_INTERPRET unset")
 
-import triton  # noqa: E402
 
+from aiter_core.testing import SM90_SMEM_PER_BLOCK, compile_for_sm90, example_signature  # noqa: E402
 from aiter_unified.triton.kernel import unified_attn_kernel  # noqa: E402
 from aiter_unified.triton.launch import kernel_args, plan  # noqa: E402
 
-H100_SMEM = 232448
+H100_SMEM = SM90_SMEM_PER_BLOCK
 META = "meta"
 BF16, FP8 = torch.bfloat16, torch.float8_e4m3fn
-_PTR = {torch.float16: "fp16", BF16: "bf16", torch.float32: "fp32", FP8: "fp8e4nv", torch.int32: "i32"}
-
-
-def _ty(v):
-    if isinstance(v, torch.Tensor):
-        return "*" + _PTR[v.dtype]
-    if isinstance(v, bool):
-        return "i1"
-    if isinstance(v, int):
-        return "i32" if -2**31 <= v < 2**31 else "i64"
-    if isinstance(v, float):
-        return "fp32"
-    raise TypeError(type(v))
 
 
 def compile_sm90(fn, args, constexprs, num_warps, num_stages):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig = {name: _ty(v) for name, v in zip(fn.arg_names, args)}
-    for k in constexprs:
-        sig[k] = "constexpr"
-    # what the launcher specialises at run time: 16-byte aligned pointers, ints divisible by 16
-    attrs = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(args)
-             if isinstance(v, torch.Tensor) or (isinstance(v, int) and not isinstance(v, bool) and v % 16 == 0)}
-    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+    sig, divisible = example_signature(fn, args, constexprs)
+    kernel = compile_for_sm90(fn, sig, constexprs, num_warps=num_warps, num_stages=num_stages, divisible=divisible)
     shared = kernel.metadata.shared
     assert shared <= H100_SMEM, f"{constexprs}: {shared} bytes of shared memory > {H100_SMEM}"
     return kernel

@@ -321,3 +321,56 @@ def requires_triton(reason: str = "Triton kernels need a GPU or TRITON_INTERPRET
     import pytest
 
     return pytest.mark.skipif(not (on_gpu() or interpreter_active()), reason=reason)
+
+
+# -- compile-only tier: cross-compile Triton kernels for Hopper on any machine ------------------
+
+SM90_SMEM_PER_BLOCK = 232448  # H100/H200 opt-in shared memory per block, bytes
+
+_TRITON_PTR_TYPES = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8e4nv",
+    torch.float8_e5m2: "fp8e5", torch.int8: "i8", torch.uint8: "u8", torch.int16: "i16", torch.int32: "i32",
+    torch.int64: "i64",
+}
+
+
+def example_signature(kernel, args, constexprs) -> tuple[dict, list[int]]:
+    """Triton signature of ``kernel`` for example ``args`` (tensors may be on the meta device), plus
+    the argument indices the launcher would specialise as 16-divisible: tensor pointers (aligned)
+    and integers divisible by 16. Without those hints Triton skips vectorised and pipelined loads,
+    and the compiled shared-memory size means nothing."""
+    signature, divisible = {}, []
+    for idx, (name, value) in enumerate(zip(kernel.arg_names, args)):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_PTR_TYPES[value.dtype]
+            divisible.append(idx)
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                divisible.append(idx)
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"argument {name!r}: no Triton type for {type(value).__name__}")
+    for name in constexprs:
+        signature[name] = "constexpr"
+    return signature, divisible
+
+
+def compile_for_sm90(kernel, signature: dict, constexprs: dict, *, num_warps: int, num_stages: int,
+                     divisible=()):
+    """``triton.compile`` of a ``@triton.jit`` kernel for sm_90 without a GPU; ``divisible`` lists the
+    argument indices given ``tt.divisibility=16`` (see :func:`example_signature`). Returns the
+    compiled kernel (``.metadata.shared`` is its shared memory, ``.asm["ptx"]`` its PTX)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
+    src = ASTSource(kernel, signature=signature, constexprs=dict(constexprs), attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
