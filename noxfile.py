@@ -20,6 +20,11 @@ TORCH = os.environ.get("AITER_TORCH_SPEC", "torch==2.13.0")
 CPU_ENV = {"TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}
 
 nox.options.default_venv_backend = "venv"
+# Every session's venv sees the base interpreter's site-packages: where that interpreter already
+# has the pinned torch and a Triton (.ci/run installs them there once), a session reuses them
+# instead of copying ~1.8 GB into each of its 13 venvs. A session still installs its own pinned
+# torch or Triton whenever the base's do not satisfy the pin (the compile(3.6.0) session does).
+SHARED_SITE = ["--system-site-packages"]
 nox.options.sessions = ["tests", "compile", "wheels", "lint"]
 
 
@@ -37,7 +42,7 @@ def _install_editable(session: nox.Session, packages: list[str]) -> None:
     session.install("pytest>=8", *specs)
 
 
-@nox.session(tags=["ci"])
+@nox.session(tags=["ci"], venv_params=SHARED_SITE)
 @nox.parametrize("package", PACKAGES, ids=PACKAGES)
 def tests(session: nox.Session, package: str) -> None:
     """Tiers 1-2: references, dispatch, API checks, and the Triton kernels in the interpreter."""
@@ -52,7 +57,7 @@ def tests(session: nox.Session, package: str) -> None:
 TRITON_VERSIONS = ["3.6.0", "latest"]
 
 
-@nox.session(tags=["ci"])
+@nox.session(tags=["ci"], venv_params=SHARED_SITE)
 @nox.parametrize("triton", TRITON_VERSIONS, ids=TRITON_VERSIONS)
 def compile(session: nox.Session, triton: str) -> None:
     """Tier 3: cross-compile every Triton kernel config for sm_90 and check shared memory."""
@@ -65,7 +70,7 @@ def compile(session: nox.Session, triton: str) -> None:
     session.run("pytest", "-q", "-m", "compile", *tests_dirs, *session.posargs, env={"PYTHONUNBUFFERED": "1"})
 
 
-@nox.session(tags=["ci"])
+@nox.session(tags=["ci"], venv_params=SHARED_SITE)
 @nox.parametrize("package", [p for p in PACKAGES], ids=PACKAGES)
 def wheels(session: nox.Session, package: str) -> None:
     """Build the wheels, install one family alone from them, import it and run its smoke test."""
@@ -82,13 +87,13 @@ def wheels(session: nox.Session, package: str) -> None:
         session.run("aiter", "check", family, env=CPU_ENV)
 
 
-@nox.session(tags=["ci"])
+@nox.session(tags=["ci"], venv_params=SHARED_SITE)
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", ".")
 
 
-@nox.session
+@nox.session(venv_params=SHARED_SITE)
 def bench(session: nox.Session) -> None:
     """The main job: every installed family's benchmark on a GPU; the correctness demo without one."""
     _install_editable(session, PACKAGES)
@@ -97,7 +102,7 @@ def bench(session: nox.Session) -> None:
     session.run("aiter", "bench", *session.posargs, env=env)
 
 
-@nox.session
+@nox.session(venv_params=SHARED_SITE)
 def gpu(session: nox.Session) -> None:
     """Tier 4 on a GPU machine: every package's GPU tests (bf16, fp8, compile, CUDA graphs)."""
     _install_editable(session, PACKAGES)
