@@ -24,6 +24,7 @@ nox.options.default_venv_backend = "venv"
 # has the pinned torch and a Triton (.ci/run installs them there once), a session reuses them
 # instead of copying ~1.8 GB into each of its 13 venvs. A session still installs its own pinned
 # torch or Triton whenever the base's do not satisfy the pin (the compile(3.6.0) session does).
+# Tools therefore run as `python -m tool`: a console script found on PATH could belong to the base.
 SHARED_SITE = ["--system-site-packages"]
 nox.options.sessions = ["tests", "compile", "wheels", "lint"]
 
@@ -48,7 +49,7 @@ def tests(session: nox.Session, package: str) -> None:
     """Tiers 1-2: references, dispatch, API checks, and the Triton kernels in the interpreter."""
     _install_editable(session, _siblings(package))
     session.run(
-        "pytest", "-q", "-m", "not gpu and not compile", f"packages/{package}/tests", *session.posargs, env=CPU_ENV
+        "python", "-m", "pytest", "-q", "-m", "not gpu and not compile", f"packages/{package}/tests", *session.posargs, env=CPU_ENV
     )
 
 
@@ -67,7 +68,7 @@ def compile(session: nox.Session, triton: str) -> None:
     tests_dirs = [f"packages/{p}/tests" for p in PACKAGES if list((ROOT / "packages" / p / "tests").glob("test_compile*.py"))]
     if not tests_dirs:
         session.skip("no package has compile-only tests")
-    session.run("pytest", "-q", "-m", "compile", *tests_dirs, *session.posargs, env={"PYTHONUNBUFFERED": "1"})
+    session.run("python", "-m", "pytest", "-q", "-m", "compile", *tests_dirs, *session.posargs, env={"PYTHONUNBUFFERED": "1"})
 
 
 @nox.session(tags=["ci"], venv_params=SHARED_SITE)
@@ -90,7 +91,7 @@ def wheels(session: nox.Session, package: str) -> None:
 @nox.session(tags=["ci"], venv_params=SHARED_SITE)
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", ".")
+    session.run("python", "-m", "ruff", "check", ".")
 
 
 @nox.session(venv_params=SHARED_SITE)
@@ -106,4 +107,4 @@ def bench(session: nox.Session) -> None:
 def gpu(session: nox.Session) -> None:
     """Tier 4 on a GPU machine: every package's GPU tests (bf16, fp8, compile, CUDA graphs)."""
     _install_editable(session, PACKAGES)
-    session.run("pytest", "-q", "-m", "gpu", *[f"packages/{p}/tests" for p in PACKAGES], *session.posargs)
+    session.run("python", "-m", "pytest", "-q", "-m", "gpu", *[f"packages/{p}/tests" for p in PACKAGES], *session.posargs)
