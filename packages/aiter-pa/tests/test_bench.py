@@ -48,3 +48,15 @@ def test_bench_status_lines_follow_quiet(capsys):
     assert "building a cache" in capsys.readouterr().err
     bench._status(bench.parse_args(["--quiet"]), "building a cache ...")
     assert capsys.readouterr().err == ""
+
+
+def test_flex_peer_attends_to_each_sequence_own_blocks():
+    """The FlexAttention peer's block mask over the shared block pool (eager FlexAttention on the
+    CPU): each decode query must see exactly its own sequence's cached tokens."""
+    from aiter_pa.bench import _case, _flex, _max_err
+
+    shape = dict(b=3, hq=4, hkv=2, d=32, ctx=40, bs=16, quant="none")
+    kv, q = _case(shape, "HND", device="cpu")
+    out = _flex(kv, q, shape, compile=False)()
+    assert out.shape == q.shape
+    assert _max_err(out, kv, q) < 1e-4

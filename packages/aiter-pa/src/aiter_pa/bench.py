@@ -175,20 +175,22 @@ def _sdpa_cudnn(q, k, v):
     return fn
 
 
-def _flex(kv, q, shape):
+def _flex(kv, q, shape, compile: bool = True):
     """FlexAttention over the whole physical block pool with a mask that keeps, for query ``b``,
-    the pool rows of sequence ``b``'s blocks (positions < its context)."""
+    the pool rows of sequence ``b``'s blocks (positions < its context). The ``b`` decode queries
+    are the rows of one "sequence" ``[1, hq, b, d]``; returns a function giving ``[b, hq, d]``.
+    ``compile=False`` runs FlexAttention eagerly (the CPU test of this mask)."""
     import torch
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    dev = q.device
     nb, bs = kv.num_blocks, kv.block_size
-    owner = torch.full((nb,), -1, dtype=torch.int32, device="cuda")
-    pos0 = torch.zeros(nb, dtype=torch.int32, device="cuda")
+    owner = torch.full((nb,), -1, dtype=torch.int32, device=dev)
+    pos0 = torch.zeros(nb, dtype=torch.int32, device=dev)
     nblk = -(-shape["ctx"] // bs)
-    owner[kv.block_tables[:, :nblk].reshape(-1).long()] = torch.arange(shape["b"], device="cuda",
-                                                                      dtype=torch.int32).repeat_interleave(nblk)
-    pos0[kv.block_tables[:, :nblk].reshape(-1).long()] = (torch.arange(nblk, device="cuda", dtype=torch.int32)
-                                                          * bs).repeat(shape["b"])
+    used = kv.block_tables[:, :nblk].reshape(-1).long()
+    owner[used] = torch.arange(shape["b"], device=dev, dtype=torch.int32).repeat_interleave(nblk)
+    pos0[used] = (torch.arange(nblk, device=dev, dtype=torch.int32) * bs).repeat(shape["b"])
     ctx = kv.context_lens
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -196,14 +198,14 @@ def _flex(kv, q, shape):
         return (owner[blk] == q_idx) & (pos0[blk] + kv_idx % bs < ctx[q_idx])
 
     N = nb * bs
-    k = kv.k_deq.reshape(N, shape["hkv"], shape["d"]).transpose(0, 1).unsqueeze(0).to(torch.bfloat16).contiguous()
-    v = kv.v_deq.reshape(N, shape["hkv"], shape["d"]).transpose(0, 1).unsqueeze(0).to(torch.bfloat16).contiguous()
-    qq = q.unsqueeze(0)  # [1, hq, b, d]: the b decode queries as the rows of one "sequence"
-    block_mask = create_block_mask(mask_mod, 1, None, shape["b"], N, device="cuda")
-    compiled = torch.compile(flex_attention, dynamic=False)
+    k = kv.k_deq.reshape(N, shape["hkv"], shape["d"]).transpose(0, 1).unsqueeze(0).to(q.dtype).contiguous()
+    v = kv.v_deq.reshape(N, shape["hkv"], shape["d"]).transpose(0, 1).unsqueeze(0).to(q.dtype).contiguous()
+    qq = q.transpose(0, 1).unsqueeze(0).contiguous()  # [1, hq, b, d]
+    block_mask = create_block_mask(mask_mod, 1, None, shape["b"], N, device=str(dev))
+    attn = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
 
     def fn():
-        return compiled(qq, k, v, block_mask=block_mask, enable_gqa=True)
+        return attn(qq, k, v, block_mask=block_mask, enable_gqa=True)[0].transpose(0, 1)
     return fn
 
 
