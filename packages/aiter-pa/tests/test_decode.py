@@ -128,6 +128,42 @@ def test_high_precision_levels(hp):
         _check(out, ref, dtype)
 
 
+@pytest.mark.parametrize("quant,store,mtp", [(PT, FP8, 1), (PT, torch.int8, 2), (T4, None, 1), (PTEN, FP8, 3),
+                                              (PH, torch.int8, 1)])
+def test_fp16_dots_for_8bit_cache(monkeypatch, quant, store, mtp):
+    """The fp16 dots an 8-bit cache gets by default under bf16 queries (a GPU-only dtype here),
+    forced for this query dtype. V is scaled down to ~1e-6 so that ``p * v_scale`` without the
+    per-tile normalisation would sink into fp16 subnormals and lose the output."""
+    monkeypatch.setenv("AITER_PA_KV_COMPUTE", "fp16")
+    dtype = torch.float32 if INTERPRET else torch.bfloat16
+    ctx = [45, 70, 3]
+    kv = make_paged_kv(ctx, 2, 32, 16, "HND", quant, dtype, store, DEVICE, seed=23)
+    kv.v_scale.mul_(1e-6)
+    kv.v_deq = kv.v_deq * 1e-6
+    q = _query(len(ctx) * mtp, 8, 32, dtype, 23) * 3.0
+    for parts in (1, 2):
+        out = poison(torch.empty(len(ctx) * mtp, 8, 32, dtype=dtype, device=DEVICE))
+        aiter_pa.paged_attention_decode(out, q, kv.key_cache, kv.value_cache, kv.context_lens, kv.block_tables,
+                                        32 ** -0.5, max(ctx), None, kv.k_scale, kv.v_scale, parts, mtp=mtp)
+        ref = paged_attention_ref(q.cpu().float(), kv.k_deq, kv.v_deq, kv.block_tables.cpu(), ctx, 32 ** -0.5,
+                                  q_lens=[mtp] * len(ctx))
+        assert not torch.isnan(out).any()
+        rel = ((out.float().cpu() - ref).abs().max() / ref.abs().max()).item()
+        assert rel <= 1e-2, f"partitions={parts}: relative error {rel:.2e}"
+
+
+def test_kv_compute_env_is_checked(monkeypatch):
+    from aiter_pa.triton.launch import _kv_in_fp16
+
+    assert _kv_in_fp16(torch.bfloat16, 1, False) and not _kv_in_fp16(torch.float16, 1, False)
+    assert not _kv_in_fp16(torch.bfloat16, 2, False) and not _kv_in_fp16(torch.bfloat16, 1, True)
+    monkeypatch.setenv("AITER_PA_KV_COMPUTE", "query")
+    assert not _kv_in_fp16(torch.bfloat16, 1, False)
+    monkeypatch.setenv("AITER_PA_KV_COMPUTE", "fp32")
+    with pytest.raises(ValueError, match="AITER_PA_KV_COMPUTE"):
+        _kv_in_fp16(torch.bfloat16, 1, False)
+
+
 def test_paged_attention_rocm_two_phase_buffers():
     dtype = torch.float32 if INTERPRET else torch.float16
     ctx, hq, hkv, d, bs, mtp, part = [70, 33, 5], 8, 2, 32, 16, 1, 32

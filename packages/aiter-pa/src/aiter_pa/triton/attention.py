@@ -13,9 +13,15 @@ Positions: with ``HAS_NEW`` (prefill) query token ``i`` of a sequence sits at po
 ``scale * q.k * k_scale``, then the soft cap, then ALiBi ``slope * (kpos - qpos)``; a sliding
 window ``w > 0`` keeps keys with ``qpos - kpos < w``.
 
-Quantized KV: K and V tiles are converted (not scaled) to the query dtype for the dots, which is
-exact for fp8/int8/int4 inside bf16/fp16; per-token scales multiply the score columns (K) and the
-probabilities (V), per-tensor / per-head scales fold into the softmax scale (K) and the output (V).
+Quantized KV: K and V tiles are converted (not scaled) to a 16-bit type for the dots, which is
+exact for fp8/int8/int4; per-token scales multiply the score columns (K) and the probabilities (V),
+per-tensor / per-head scales fold into the softmax scale (K) and the output (V). ``KV_FP16`` makes
+that type fp16 whatever the query's (the launcher sets it for bf16 queries on an 8-bit cache):
+sm_90 converts e4m3 pairs to fp16 directly while bf16 takes an extra pass through fp32
+(benchmarks/probes/sass_fp8_dots.py: the fp8 decode kernel loses its 128 F2F + 128 HADD2, 4120 ->
+3816 SASS instructions), and fp16 keeps 3 more mantissa bits of P. The query is clamped to fp16's
+range and rounded to fp16 (every bf16 value between 6e-5 and 65504 is exact there); per-token V
+scales are divided by their tile maximum first so ``p * scale`` stays clear of fp16 subnormals.
 ``HIGH_PREC`` picks how the probabilities meet V (only different for 8-bit fp V):
 0 = P cast to V's fp8 type and an fp8 PV dot (per-token V scales are normalised by the tile max
 first; P is scaled by 256 into fp8's normal range and the softmax sums use the rounded P);
@@ -61,6 +67,7 @@ def _paged_attn_kernel(
     # HEAD_D2 (MLA's 576 = 512 + 64, 192 = 128 + 64): two dots instead of one padded to 1024 / 256
     HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
     HAS_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
+    KV_FP16: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -120,7 +127,18 @@ def _paged_attn_kernel(
                      mask=row_ok[:, None] & d2_ok[None, :], other=0.0)
         kcol2, kshift2 = ta.kv_storage_col(offs_d2, QUANT_K)
         k2_col_off = ta.packed_col_offset(kcol2, K_CX, s_kc_hi, s_kc_lo)
-    cdt = q.dtype
+    # cdt: the type cached K/V tiles are converted to and meet the query in; new (prefill) keys
+    # always meet the query in its own dtype
+    if KV_FP16:
+        cdt = tl.float16
+        qc = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(cdt)
+        if HEAD_D2 > 0:
+            q2c = tl.minimum(tl.maximum(q2.to(tl.float32), -65504.0), 65504.0).to(cdt)
+    else:
+        cdt = q.dtype
+        qc = q
+        if HEAD_D2 > 0:
+            q2c = q2
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -176,14 +194,14 @@ def _paged_attn_kernel(
             k = ta.kv_to_float(kx, QUANT_K, kshift[:, None]).to(cdt)
         else:
             k = kx.to(cdt)
-        s = tl.dot(q, k)
+        s = tl.dot(qc, k)
         if HEAD_D2 > 0:
             k2x = tl.load(k_base + k_tok[None, :] + k2_col_off[:, None], mask=gvalid[None, :] & d2_ok[:, None])
             if QUANT_K == 3:
                 k2 = ta.kv_to_float(k2x, QUANT_K, kshift2[:, None]).to(cdt)
             else:
                 k2 = k2x.to(cdt)
-            s += tl.dot(q2, k2)
+            s += tl.dot(q2c, k2)
         if QUANT_K == 2 or QUANT_K == 3:
             ksc = ta.load_kv_scale(ks_ptr, QUANT_K, kvh, phys, off, s_ksblk, s_ksh, s_kstok, valid)
             s = s * (ksc * qk_scale)[None, :]
@@ -241,7 +259,9 @@ def _paged_attn_kernel(
         else:
             v = tl.where(valid[:, None], ta.kv_to_float(vx, QUANT_V, vshift[None, :]), 0.0).to(cdt)
             if QUANT_V == 2 or QUANT_V == 3:
-                pv = tl.dot((p * vsc[None, :]).to(cdt), v)
+                vmax = tl.max(vsc, 0)
+                vmax = tl.where(vmax > 0.0, vmax, 1.0)
+                pv = tl.dot((p * (vsc / vmax)[None, :]).to(cdt), v) * vmax
             else:
                 pv = tl.dot(p.to(cdt), v)
         acc = acc * alpha[:, None] + pv

@@ -93,6 +93,21 @@ def choose_num_partitions(num_seqs: int, num_kv_heads: int, m_tiles: int, max_co
     return max(1, min(triton.cdiv(target, ctas), max_parts))
 
 
+def _kv_in_fp16(query_dtype: torch.dtype, kv_elem_bytes: int, has_new: bool) -> bool:
+    """Whether an 8-bit cache's (fp8, int8, packed int4) tiles are converted to fp16 rather than
+    the query's bf16 for the dots: cheaper on sm_90 (see the kernel's docstring). Decode and MTP
+    only: prefill also dots the query with new bf16 keys. ``AITER_PA_KV_COMPUTE`` = ``query`` /
+    ``fp16`` forces either choice for 8-bit caches (comparisons and tests)."""
+    if kv_elem_bytes != 1 or has_new:
+        return False
+    mode = os.environ.get("AITER_PA_KV_COMPUTE", "auto")
+    if mode not in ("auto", "query", "fp16"):
+        raise ValueError(f"AITER_PA_KV_COMPUTE must be auto, query or fp16, got {mode!r}")
+    if mode != "auto":
+        return mode == "fp16"
+    return query_dtype == torch.bfloat16
+
+
 def _inner(prefix: str, a) -> dict:
     return {f"s_{prefix}t_hi": a.s_t_hi, f"s_{prefix}t_lo": a.s_t_lo, f"s_{prefix}c_hi": a.s_c_hi,
             f"s_{prefix}c_lo": a.s_c_lo}
@@ -194,6 +209,7 @@ def prepare_launch(
     nk_s = (new_k.stride(0), new_k.stride(1), new_k.stride(2)) if new_k is not None else (0, 0, 0)
     nv_s = (new_v.stride(0), new_v.stride(1), new_v.stride(2)) if new_v is not None else (0, 0, 0)
     v_fp8 = value_cache.dtype.is_floating_point and value_cache.element_size() == 1
+    kv_fp16 = _kv_in_fp16(query.dtype, key_cache.element_size(), new_k is not None)
     grid = (num_seqs, Hk, m_tiles * P)
     args = [
         out, query, key_cache, value_cache, bt_tensor,
@@ -222,5 +238,6 @@ def prepare_launch(
         PHYS_GROUP=phys_group, HAS_MASK=custom_mask is not None, MASK_PREFIX=bool(mask_prefix),
         CAUSAL=(new_k is None and max_qlen > 1), HAS_ALIBI=alibi_slopes is not None,
         USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window and sliding_window > 0), SPLIT=split,
+        KV_FP16=kv_fp16,
     )
     return Launch(grid, args, constexprs, cfg.num_warps, cfg.num_stages, (po, pmax, psum) if split else None)
