@@ -45,6 +45,21 @@ def test_heuristic_thresholds(monkeypatch):
     assert _plan(force="2d").use_2d and not _plan(force="3d", max_seqlen_k=100).use_2d
 
 
+def test_config_override(monkeypatch):
+    import pytest
+
+    monkeypatch.setenv("AITER_UNIFIED_CONFIG", "128,32,8,4")
+    p = _plan(num_tokens=8 * 2048, num_seqs=8, max_seqlen_q=2048, max_seqlen_k=2048)
+    assert (p.block_m, p.block_q, p.tile_n, p.num_warps, p.num_stages) == (128, 32, 32, 8, 4)
+    assert p.query_blocks == 8 * 2048 // 32 + 8
+    monkeypatch.setenv("AITER_UNIFIED_CONFIG", "4,16,4,2")  # raised to tl.dot's 16 rows and the padded group
+    assert _plan().block_m == 16 and _plan(heads_q=256, heads_kv=8).block_m == 32
+    for bad in ("128,64,8", "96,64,4,2", "64,8,4,2"):
+        monkeypatch.setenv("AITER_UNIFIED_CONFIG", bad)
+        with pytest.raises(ValueError, match="AITER_UNIFIED_CONFIG"):
+            _plan()
+
+
 def test_registry_and_family():
     assert any(f.name == "unified" for f in families())
     q = torch.zeros(2, 4, 32, dtype=torch.float16)

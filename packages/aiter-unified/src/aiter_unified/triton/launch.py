@@ -22,6 +22,7 @@ Heuristic (:func:`plan`), starting from upstream's thresholds:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,10 @@ def plan(*, num_tokens: int, num_seqs: int, heads_q: int, heads_kv: int, head_di
     block_q = block_m // group_p2
     tile_n = tile_n or (64 if head_dim <= 128 else 32)
     block_d = triton.next_power_of_2(head_dim)
+    tuned = _config_override()
+    if tuned is not None:
+        block_m, tile_n = max(tuned[0], group_p2, 16), tuned[1]
+        block_q = block_m // group_p2
     query_blocks = num_seqs if max_seqlen_q == 1 else num_tokens // block_q + num_seqs
     programs_2d = query_blocks * heads_kv
     target = 4 * _sm_count(device)
@@ -96,8 +101,25 @@ def plan(*, num_tokens: int, num_seqs: int, heads_q: int, heads_kv: int, head_di
         segments = max(segments, 2)
     num_warps = 8 if block_m * block_d >= 64 * 256 else 4
     num_stages = 2 if head_dim > 128 else 3
+    if tuned is not None:
+        num_warps, num_stages = tuned[2], tuned[3]
     return Plan(group_p2, block_m, block_q, tile_n, block_d, query_blocks, segments, num_warps, num_stages,
                 max_seqlen_q == 1)
+
+
+def _config_override() -> tuple[int, int, int, int] | None:
+    """``AITER_UNIFIED_CONFIG="block_m,tile_n,num_warps,num_stages"`` replaces the tile choice (tuning
+    sweeps; ``block_m`` is raised to the padded GQA group and to 16, tl.dot's minimum)."""
+    env = os.environ.get("AITER_UNIFIED_CONFIG")
+    if not env:
+        return None
+    try:
+        block_m, tile_n, warps, stages = (int(x) for x in env.split(","))
+    except ValueError:
+        raise ValueError(f"AITER_UNIFIED_CONFIG must be 'block_m,tile_n,num_warps,num_stages', got {env!r}") from None
+    if any(v & (v - 1) or v < 1 for v in (block_m, tile_n)) or tile_n < 16:
+        raise ValueError(f"AITER_UNIFIED_CONFIG: block_m and tile_n must be powers of two (tile_n >= 16), got {env!r}")
+    return block_m, tile_n, warps, stages
 
 
 def compute_dtype(q_dtype: torch.dtype):
