@@ -26,6 +26,7 @@ from .triton_utils import autotune, check_interpreter_consistent, interpreter_ac
 __all__ = [
     "Tolerance",
     "DTYPE_TOL",
+    "sass_opcode_counts",
     "tolerance_for",
     "seed_everything",
     "randn",
@@ -374,3 +375,27 @@ def compile_for_sm90(kernel, signature: dict, constexprs: dict, *, num_warps: in
     attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
     src = ASTSource(kernel, signature=signature, constexprs=dict(constexprs), attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def sass_opcode_counts(compiled) -> dict[str, int]:
+    """SASS opcode histogram (a ``Counter``) of a kernel from :func:`compile_for_sm90` (static counts, not
+    executed ones), disassembled by the ``cuobjdump`` that ships with Triton. For probes that
+    compare variants of a kernel without a GPU (conversion or address instructions, HGMMA vs
+    HMMA, local-memory spills as STL/LDL)."""
+    import collections
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    # "/*0a30*/  @!P0 HGMMA.64x64x16.F32.BF16 ..." -> HGMMA
+    opcode = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
+    return collections.Counter(m.group(1) for m in map(opcode.match, sass.splitlines()) if m)
+

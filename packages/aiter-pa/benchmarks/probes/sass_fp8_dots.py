@@ -2,38 +2,22 @@
 converted to bf16 (the query's dtype) or to fp16 before the dots.
 
 Cross-compiles the issue's fp8 decode shape (b=64 hq=32 hkv=8 d=128, HND, block 16) for sm_90
-exactly as ``prepare_launch`` configures it and disassembles it with the cuobjdump that ships
-with Triton. Run from the repository root with aiter-pa installed and TRITON_INTERPRET unset:
+exactly as ``prepare_launch`` configures it and counts its SASS opcodes
+(``aiter_core.testing.sass_opcode_counts``). Run from the repository root with aiter-pa installed and TRITON_INTERPRET unset:
 
     python3 packages/aiter-pa/benchmarks/probes/sass_fp8_dots.py [partitions]
 """
 
 from __future__ import annotations
 
-import collections
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import triton
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from aiter_core.testing import sass_opcode_counts  # noqa: E402
 from aiter_pa.triton.attention import _paged_attn_kernel  # noqa: E402
 from test_compile_sm90 import FP8, PT, PTEN, _decode_launch, compile_sm90  # noqa: E402
-
-CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-OPCODE = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
-
-
-def opcode_counts(kernel) -> collections.Counter:
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(kernel.asm["cubin"])
-    sass = subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    os.unlink(f.name)
-    return collections.Counter(m.group(1) for m in map(OPCODE.match, sass.splitlines()) if m)
 
 
 def main() -> None:
@@ -44,7 +28,7 @@ def main() -> None:
             launch = _decode_launch(quant=quant, store=FP8, parts=parts)
             kernel = compile_sm90(_paged_attn_kernel, launch.args, launch.constexprs, launch.num_warps,
                                   launch.num_stages)
-            ops = opcode_counts(kernel)
+            ops = sass_opcode_counts(kernel)
             print(f"{name}, dots in {'bf16' if mode == 'query' else 'fp16'}: {sum(ops.values())} SASS instructions")
             print("   ", ", ".join(f"{op} {n}" for op, n in ops.most_common(16)))
 
