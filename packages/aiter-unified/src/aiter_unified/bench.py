@@ -13,19 +13,34 @@ The issue's three shapes on one GPU, bf16, NHD paged KV with block size 16, meas
 Every provider is captured in a CUDA graph and timed by replay (``aiter_core.bench.median_ms``,
 L2 flushed), so Python launch overhead is excluded. The peers are other aiter families, loaded
 only here and only if installed (a row says so when one is missing). ``unified-2d`` /
-``unified-3d`` rows force one kernel. Writes a table and ``unified.json/.md`` into ``--out``.
-Without a GPU it runs the family smoke test instead.
+``unified-3d`` rows force one kernel. ``--sweep`` adds a ``sweep`` row per tile config
+(``AITER_UNIFIED_CONFIG`` = block_m, tile_n, warps, stages; :data:`SWEEP`), each checked against
+the default config's output first. Writes a table and ``unified.json/.md`` into ``--out``.
+Without a GPU it runs the family smoke test instead (``--device cpu --tiny`` runs the machinery
+on toy sizes in the interpreter, for the CPU test of this CLI).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
 SHAPES = ("decode", "prefill", "mixed")
 H_Q, H_KV, D, BS = 32, 8, 128, 16
+# --tiny: the same code on toy sizes (CPU interpreter)
+FULL = dict(hq=H_Q, hkv=H_KV, d=D, decodes=64, decode_ctx=4096, prefills=8, prefill_len=2048, mixed_prefills=4,
+            mixed_len=1024)
+TINY = dict(hq=4, hkv=2, d=32, decodes=2, decode_ctx=40, prefills=2, prefill_len=24, mixed_prefills=1, mixed_len=16)
+# --sweep configs (block_m, tile_n, num_warps, num_stages): decode keeps few rows per program,
+# prefill and mixed batches feed bigger dots
+SWEEP = {
+    "decode": [(bm, tn, 4, st) for bm in (16, 32) for tn in (32, 64, 128) for st in (2, 3, 4)],
+    "prefill": [(bm, tn, w, st) for bm in (64, 128) for tn in (32, 64, 128) for w in (4, 8) for st in (2, 3)],
+}
+SWEEP["mixed"] = SWEEP["prefill"]
 
 
 def parse_args(argv=None):
@@ -33,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     p.add_argument("--out", type=Path, default=None, help="output directory (default ./aiter-unified-bench)")
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the copy/matmul ceilings")
+    p.add_argument("--sweep", action="store_true", help="also time every tile config of SWEEP per shape")
+    p.add_argument("--device", default="cuda", help="cuda (default); cpu runs the machinery in the interpreter")
+    p.add_argument("--tiny", action="store_true", help="toy sizes (machinery check)")
     args = p.parse_args(argv)
     args.shape_names = tuple(args.shapes.split(","))
     bad = [s for s in args.shape_names if s not in SHAPES]
@@ -43,6 +61,9 @@ def parse_args(argv=None):
 
 def _graphed(fn):
     import torch
+
+    if not torch.cuda.is_available():
+        return fn
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -56,12 +77,21 @@ def _graphed(fn):
     return graph.replay
 
 
-def _seqs(shape):
+def _time_ms(fn) -> float:
+    """Median time of ``fn`` replayed from a CUDA graph, L2 flushed (tests replace this)."""
+    from aiter_core import bench as B
+
+    return B.median_ms(_graphed(fn))
+
+
+def _seqs(shape, dims=FULL):
+    """(new tokens, total KV tokens) per sequence."""
+    decodes = [(1, dims["decode_ctx"])] * dims["decodes"]
     if shape == "decode":
-        return [(1, 4096)] * 64
+        return decodes
     if shape == "prefill":
-        return [(2048, 2048)] * 8
-    return [(1024, 1024)] * 4 + [(1, 4096)] * 64
+        return [(dims["prefill_len"], dims["prefill_len"])] * dims["prefills"]
+    return [(dims["mixed_len"], dims["mixed_len"])] * dims["mixed_prefills"] + decodes
 
 
 def _peer(name):
@@ -71,7 +101,7 @@ def _peer(name):
         return None, f"{name} not installed ({exc})"
 
 
-def _providers(shape, b, scale):
+def _providers(shape, b, scale, dims=FULL):
     """name -> callable (or an error string) for one shape."""
     import torch
 
@@ -85,8 +115,8 @@ def _providers(shape, b, scale):
     for force in ("2d", "3d"):
         provs[f"unified-{force}"] = (lambda f=force: unified_attention_triton(
             *common, (-1, -1), b.block_table, 0.0, None, None, None, force=f))
-    n_pre = {"decode": 0, "prefill": 8, "mixed": 4}[shape]
-    seqs = _seqs(shape)
+    seqs = _seqs(shape, dims)
+    n_pre = sum(1 for q, _ in seqs if q > 1)
     pre_tokens = sum(q for q, _ in seqs[:n_pre])
     decode_idx = list(range(n_pre, len(seqs)))
     mha, mha_err = _peer("aiter_mha")
@@ -97,12 +127,12 @@ def _providers(shape, b, scale):
         if mha is None:
             fns.append(mha_err)
         else:
-            kc = torch.randn(pre_tokens, H_KV, D, device="cuda", dtype=b.q.dtype)
+            kc = torch.randn(pre_tokens, dims["hkv"], dims["d"], device=b.q.device, dtype=b.q.dtype)
             vc = torch.randn_like(kc)
             cu = b.cu_seqlens_q[: n_pre + 1].clone()
             qp = b.q[:pre_tokens]
-            fns.append(lambda: mha.flash_attn_varlen_func(qp, kc, vc, cu, cu, 2048 if shape == "prefill" else 1024,
-                                                          2048 if shape == "prefill" else 1024,
+            max_len = max(q for q, _ in seqs)
+            fns.append(lambda: mha.flash_attn_varlen_func(qp, kc, vc, cu, cu, max_len, max_len,
                                                           softmax_scale=scale, causal=True))
     if decode_idx:
         if pa is None:
@@ -112,7 +142,7 @@ def _providers(shape, b, scale):
             od = torch.empty_like(qd)
             lens = b.seqused_k[decode_idx[0]:].contiguous()
             table = b.block_table[decode_idx[0]:].contiguous()
-            fns.append(lambda: pa.paged_attention_decode(od, qd, b.k, b.v, lens, table, scale, 4096,
+            fns.append(lambda: pa.paged_attention_decode(od, qd, b.k, b.v, lens, table, scale, dims["decode_ctx"],
                                                          kv_cache_layout="NHD"))
     errs = [f for f in fns if isinstance(f, str)]
     peer_name = {"decode": "aiter-pa", "prefill": "aiter-mha", "mixed": "aiter-mha+aiter-pa"}[shape]
@@ -123,6 +153,45 @@ def _providers(shape, b, scale):
     return provs
 
 
+def _sweep_rows(run, shape, b, scale, params, flops, nbytes) -> None:
+    """One ``sweep`` row per tile config: checked against the default config's output, then timed."""
+    import torch
+
+    from .api import unified_attention
+
+    out = torch.empty_like(b.q)
+    args = (b.q, b.k, b.v, out, b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k, b.max_seqlen_k, scale, True, (-1, -1),
+            b.block_table, 0.0, None, None, None)
+
+    def call():
+        unified_attention(*args, backend="triton")
+
+    call()
+    expected = out.float().clone()
+    previous = os.environ.get("AITER_UNIFIED_CONFIG")
+    try:
+        for cfg in SWEEP[shape]:
+            name = "unified bm{} tn{} w{} s{}".format(*cfg)
+            os.environ["AITER_UNIFIED_CONFIG"] = ",".join(map(str, cfg))
+            try:
+                out.fill_(float("nan"))
+                call()
+                err = float((out.float() - expected).abs().max())
+                if not err <= 2e-2:
+                    run.add("sweep", name, None, error=f"differs from the default config by {err:.3g}", **params)
+                    continue
+                ms = _time_ms(call)  # the graph captures this config's kernel
+            except Exception as exc:  # a config that does not compile or fit is reported, not fatal
+                run.add("sweep", name, None, error=f"{type(exc).__name__}: {exc}"[:160], **params)
+                continue
+            run.add("sweep", name, ms, flops=flops, nbytes=nbytes, **params)
+    finally:
+        if previous is None:
+            os.environ.pop("AITER_UNIFIED_CONFIG", None)
+        else:
+            os.environ["AITER_UNIFIED_CONFIG"] = previous
+
+
 def run_bench(args) -> int:
     import torch
 
@@ -130,27 +199,35 @@ def run_bench(args) -> int:
 
     from .testing import make_batch
 
+    dims = TINY if args.tiny else FULL
     run = B.BenchRun.start("unified_attention")
     if not args.no_ceilings:
-        run.ceilings = B.measure_ceilings("cuda")
-    scale = D ** -0.5
+        run.ceilings = B.measure_ceilings(args.device)
+    scale = dims["d"] ** -0.5
+    # the interpreter has no bf16 arithmetic: fp32 on the CPU
+    dtype = torch.bfloat16 if args.device != "cpu" else torch.float32
     for shape in args.shape_names:
-        seqs = _seqs(shape)
-        b = make_batch(seqs, heads_q=H_Q, heads_kv=H_KV, head_dim=D, block_size=BS, dtype=torch.bfloat16,
-                       device="cuda", seed=0)
-        flops = sum(B.attn_fwd_flops(1, H_Q, q, kv, D, causal=True) for q, kv in seqs)
-        nbytes = B.decode_bytes(len(seqs), H_Q, H_KV, 1, [kv for _, kv in seqs], D) if shape == "decode" else None
-        for name, fn in _providers(shape, b, scale).items():
-            params = dict(shape=shape, seqs=len(seqs), hq=H_Q, hkv=H_KV, d=D, block=BS)
+        seqs = _seqs(shape, dims)
+        b = make_batch(seqs, heads_q=dims["hq"], heads_kv=dims["hkv"], head_dim=dims["d"], block_size=BS,
+                       dtype=dtype, device=args.device, seed=0)
+        flops = sum(B.attn_fwd_flops(1, dims["hq"], q, kv, dims["d"], causal=True) for q, kv in seqs)
+        nbytes = (B.decode_bytes(len(seqs), dims["hq"], dims["hkv"], 1, [kv for _, kv in seqs], dims["d"])
+                  if shape == "decode" else None)
+        if nbytes:
+            flops = None
+        params = dict(shape=shape, seqs=len(seqs), hq=dims["hq"], hkv=dims["hkv"], d=dims["d"], block=BS)
+        for name, fn in _providers(shape, b, scale, dims).items():
             if isinstance(fn, str):
                 run.add("unified_attention", name, None, error=fn, **params)
                 continue
             try:
-                ms = B.median_ms(_graphed(fn))
+                ms = _time_ms(fn)
             except Exception as exc:  # report and go on: one provider failing must not hide the rest
                 run.add("unified_attention", name, None, error=f"{type(exc).__name__}: {exc}"[:200], **params)
                 continue
-            run.add("unified_attention", name, ms, flops=None if nbytes else flops, nbytes=nbytes, **params)
+            run.add("unified_attention", name, ms, flops=flops, nbytes=nbytes, **params)
+        if args.sweep:
+            _sweep_rows(run, shape, b, scale, params, flops, nbytes)
     run.finalize()
     run.print_table()
     out = args.out or Path("aiter-unified-bench")
@@ -164,7 +241,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         from .smoke import run
 
         print("no GPU: timing needs a device; running the correctness smoke test instead")
