@@ -298,6 +298,11 @@ def test_choose_num_partitions_heuristic(monkeypatch):
     assert choose_num_partitions(256, 8, 1, 4096, num_sms=132) == 1  # enough CTAs: v1
     assert choose_num_partitions(1, 8, 1, 65536, num_sms=132) == min(-(-CTAS_PER_SM * 132 // 8), 65536 // MIN_PART_TOKENS)
     assert choose_num_partitions(1, 1, 1, MIN_PART_TOKENS, num_sms=132) == 1  # short context: one pass
+    # 8-bit caches aim at 2 CTAs per SM: the fp8 shape runs in one pass, small batches split less
+    assert choose_num_partitions(64, 8, 1, 4096, num_sms=132, kv_elem_bytes=1) == 1
+    assert choose_num_partitions(8, 8, 1, 4096, num_sms=132, kv_elem_bytes=1) == 5  # ceil(264 / 64)
+    assert choose_num_partitions(8, 8, 1, 4096, num_sms=132, kv_elem_bytes=0.5) == 5  # int4
+    assert choose_num_partitions(8, 8, 1, 4096, num_sms=132) == 8  # 16-bit: ceil(528 / 64) = 9, capped at 8
     monkeypatch.setenv("AITER_PA_NUM_PARTITIONS", "5")
     assert choose_num_partitions(256, 8, 1, 4096, num_sms=132) == 5
 

@@ -7,10 +7,14 @@ v1/v2 heuristic (:func:`choose_num_partitions`), overridable by ``num_partitions
 environment variable ``AITER_PA_NUM_PARTITIONS``: with ``ctas = num_seqs * num_kv_heads * m_tiles``
 programs in a single pass, decode is memory bound and wants every SM streaming with several CTAs
 in flight. One pass (v1) when the context fits in one partition of ``MIN_PART_TOKENS`` or when
-``ctas >= CTAS_PER_SM * num_sms`` already fills the machine; otherwise split each sequence into
-``P = min(ceil(CTAS_PER_SM * num_sms / ctas), ceil(max_context_len / MIN_PART_TOKENS))``
+``ctas >= c * num_sms`` already fills the machine; otherwise split each sequence into
+``P = min(ceil(c * num_sms / ctas), ceil(max_context_len / MIN_PART_TOKENS))``
 partitions (v2) and merge them with aiter_core's split-K reduce. ``num_sms`` is
-``aiter_core.arch.get_arch_info().num_cu``.
+``aiter_core.arch.get_arch_info().num_cu``; ``c`` is ``CTAS_PER_SM`` (4) for 16-bit caches and
+``CTAS_PER_SM_8BIT`` (2) for 8-bit ones, from the H100 run in benchmarks/results/h100 (b=64 hkv=8
+ctx 4k, 512 CTAs): bf16 took 0.470 ms at P=1 and 0.416 at P=2, fp8 0.310 at P=1 and 0.329 at P=2
+(per tensor; per token 0.322 / 0.338): a CTA streaming 8-bit tiles needs fewer neighbours to
+keep memory busy, and the split's partial writes and merge then cost more than they gain.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from ..layouts import PagedKV, ScaleAddressing
 from .attention import _paged_attn_kernel
 
 __all__ = ["Launch", "prepare_launch", "KernelConfig", "default_config", "choose_num_partitions", "paged_attention_fwd", "block_m_for",
-           "MIN_PART_TOKENS", "CTAS_PER_SM"]
+           "MIN_PART_TOKENS", "CTAS_PER_SM", "CTAS_PER_SM_8BIT"]
 
 MIN_PART_TOKENS = 512
 CTAS_PER_SM = 4
+CTAS_PER_SM_8BIT = 2
 MAX_BLOCK_M = 64
 
 
@@ -78,7 +83,7 @@ def _num_sms() -> int:
 
 
 def choose_num_partitions(num_seqs: int, num_kv_heads: int, m_tiles: int, max_context_len: int,
-                          num_sms: int | None = None) -> int:
+                          num_sms: int | None = None, kv_elem_bytes: float = 2) -> int:
     """Partitions per sequence (1 = v1 single pass); see the module docstring."""
     env = os.environ.get("AITER_PA_NUM_PARTITIONS")
     if env:
@@ -87,7 +92,7 @@ def choose_num_partitions(num_seqs: int, num_kv_heads: int, m_tiles: int, max_co
     if max_parts <= 1:
         return 1
     ctas = max(1, num_seqs * num_kv_heads * m_tiles)
-    target = CTAS_PER_SM * (num_sms or _num_sms())
+    target = (CTAS_PER_SM if kv_elem_bytes >= 2 else CTAS_PER_SM_8BIT) * (num_sms or _num_sms())
     if ctas >= target:
         return 1
     return max(1, min(triton.cdiv(target, ctas), max_parts))
@@ -180,7 +185,7 @@ def prepare_launch(
     elif num_partitions is not None:
         P = max(1, int(num_partitions))
     else:
-        P = choose_num_partitions(num_seqs, Hk, m_tiles, max_context_len)
+        P = choose_num_partitions(num_seqs, Hk, m_tiles, max_context_len, kv_elem_bytes=kv_bytes)
     if partition_size is not None:
         part_tokens = int(partition_size)
     else:
