@@ -27,7 +27,8 @@ def test_heuristic_thresholds(monkeypatch):
     import aiter_unified.triton.launch as launch
 
     monkeypatch.setattr(launch, "_sm_count", lambda device: 132)
-    decode = _plan()  # 64 seqs x 8 KV heads = 512 programs < 4 x 132: split KV
+    assert _plan().use_2d  # 64 seqs x 8 KV heads = 512 programs >= 3 x 132: single pass
+    decode = _plan(num_seqs=48)  # 384 programs < 396: split KV
     assert not decode.use_2d and decode.num_segments >= 2
     assert decode.num_segments & (decode.num_segments - 1) == 0
     assert decode.block_m == 16 and decode.block_q == 4

@@ -14,7 +14,9 @@ Heuristic (:func:`plan`), starting from upstream's thresholds:
 * query blocks: ``num_seqs`` when ``max_seqlen_q == 1`` else ``num_tokens // BLOCK_Q + num_seqs``;
   ``programs_2d = query_blocks * Hk``.
 * The 2D kernel (single pass) runs when the sliding window is on, or ``max_seqlen_k <= 512``, or
-  ``programs_2d >= 4 * SMs`` (enough programs to fill the GPU), unless ``skip_reduce`` asks for the
+  ``programs_2d >= 3 * SMs`` (enough programs to fill the GPU; upstream uses 4, but the H100
+  run of the issue's decode shape, 512 programs on 132 SMs, took 2.77 TB/s in 2D against 2.59 in
+  3D: benchmarks/results/h100/unified.md), unless ``skip_reduce`` asks for the
   segment buffers. Otherwise the 3D kernel splits every program's keys into
   ``NUM_SEGMENTS = next_pow2(clamp(ceil(4 * SMs / programs_2d), min(8, S_max), S_max))`` segments,
   ``S_max = min(128, ceil(max_seqlen_k / TILE_N))``, and aiter_core's ``splitk_merge`` reduces them.
@@ -34,6 +36,8 @@ from aiter_core import triton_attn as ta
 from .kernel import unified_attn_kernel
 
 FP8_TYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+TWO_D_PROGRAMS_PER_SM = 3  # this many single-pass programs per SM and the 2D kernel runs
+SEGMENT_PROGRAMS_PER_SM = 4  # the 3D kernel cuts keys into segments until it has this many
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -84,8 +88,9 @@ def plan(*, num_tokens: int, num_seqs: int, heads_q: int, heads_kv: int, head_di
         block_q = block_m // group_p2
     query_blocks = num_seqs if max_seqlen_q == 1 else num_tokens // block_q + num_seqs
     programs_2d = query_blocks * heads_kv
-    target = 4 * _sm_count(device)
-    use_2d = sliding_window > 0 or max_seqlen_k <= 512 or programs_2d >= target
+    sms = _sm_count(device)
+    target = SEGMENT_PROGRAMS_PER_SM * sms
+    use_2d = sliding_window > 0 or max_seqlen_k <= 512 or programs_2d >= TWO_D_PROGRAMS_PER_SM * sms
     if force == "2d":
         use_2d = True
     elif force == "3d" or skip_reduce:
