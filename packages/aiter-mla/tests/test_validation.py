@@ -43,7 +43,7 @@ def _decode(case, **over):
     (dict(max_seqlen_q=1.0), TypeError, "max_seqlen_q must be an int"),
     (dict(num_kv_splits=0), ValueError, "num_kv_splits must be >= 1"),
     (dict(logit_cap=30.0), ValueError, "logit_cap"),
-    (dict(q_scale=torch.ones(2)), ValueError, "q_scale must be a per-tensor scale"),
+    (dict(q_scale=torch.ones(2)), ValueError, "q_scale must be a float32 tensor with one element"),
     (dict(kv_scale=torch.ones(1, dtype=torch.float16)), TypeError, "kv_scale must have dtype"),
     (dict(cp_world_size=2), ValueError, "context parallelism"),
     (dict(work_meta_data=torch.zeros(2, dtype=torch.int64)), ValueError, "also needs work_indptr"),

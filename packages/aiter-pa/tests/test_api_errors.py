@@ -35,7 +35,7 @@ def test_dtype_and_shape_errors():
         _decode(query=torch.randn(2, 3, 32), output=torch.empty(2, 3, 32))
     with pytest.raises(ValueError, match="output must have shape"):
         _decode(output=torch.empty(2, 4, 16))
-    with pytest.raises(TypeError, match="block_tables must be int32 or int64"):
+    with pytest.raises(TypeError, match="block_tables must have dtype int32/int64"):
         _decode(block_tables=torch.zeros(2, 3))
     with pytest.raises(ValueError, match="query must have num_seqs"):
         _decode(query=torch.randn(3, 4, 32), output=torch.empty(3, 4, 32))
@@ -101,7 +101,7 @@ def test_cache_write_errors():
     slots = torch.arange(5)
     with pytest.raises(ValueError, match=r"key must be \[num_tokens=5"):
         aiter_pa.reshape_and_cache(key[:, :1], key, kc, vc, slots)
-    with pytest.raises(TypeError, match="slot_mapping must be int32 or int64"):
+    with pytest.raises(TypeError, match="slot_mapping must have dtype int32/int64"):
         aiter_pa.reshape_and_cache(key, key, kc, vc, slots.float())
     with pytest.raises(ValueError, match="asm_layout=True"):
         aiter_pa.reshape_and_cache(key, key, kc, vc, slots, asm_layout=True)

@@ -42,7 +42,7 @@ BAD = [
     ("gqa", "gqa3", ValueError, "multiple of the KV heads"),
     ("head_dim", "d8", ValueError, "head dim must be in"),
     ("out_shape", dict(out=torch.empty(5, 4, 16, dtype=torch.float16)), ValueError, "out must have q's shape"),
-    ("cu_dtype", "cu64", TypeError, "cu_seqlens_q must be int32"),
+    ("cu_dtype", "cu64", TypeError, "cu_seqlens_q must have dtype int32"),
     ("seqused_len", dict(seqused_k=torch.tensor([20], dtype=torch.int32)), ValueError, "seqused_k must have"),
     ("max_q_type", dict(max_seqlen_q=4.0), TypeError, "max_seqlen_q must be an int"),
     ("max_q_gt_k", dict(max_seqlen_q=30, max_seqlen_k=20), ValueError, "cannot exceed max_seqlen_k"),

@@ -68,31 +68,31 @@ def _check_qkv(q, k, v, *, layout: str, dtypes: Sequence[torch.dtype], paged: bo
         check_ndim("v", v, kv_ndim, kv_layout)
     if q.dtype in FP8_DTYPES and not any(d in FP8_DTYPES for d in dtypes):
         raise TypeError(
-            f"q: expected dtype {'/'.join(dtype_name(d) for d in dtypes)}, got {dtype_name(q.dtype)} "
+            f"q must have dtype {'/'.join(dtype_name(d) for d in dtypes)}, got {dtype_name(q.dtype)} "
             "(fp8 inputs go through flash_attn_fp8_pertensor_func / flash_attn_varlen_fp8_pertensor_func)"
         )
     check_dtype("q", q, dtypes)
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
-            raise TypeError(f"{name}: expected dtype {dtype_name(q.dtype)} (the dtype of q), got {dtype_name(x.dtype)}")
+            raise TypeError(f"{name} must have dtype {dtype_name(q.dtype)} (the dtype of q), got {dtype_name(x.dtype)}")
     check_same_device("q", q, k=k, v=v)
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_last_dim_contiguous(name, x)
     dim_qk, dim_v = q.shape[-1], v.shape[-1]
     if k.shape[-1] != dim_qk:
-        raise ValueError(f"k: expected head dim {dim_qk} (the head dim of q), got {k.shape[-1]}")
+        raise ValueError(f"k must have head dim {dim_qk} (the head dim of q), got {k.shape[-1]}")
     check_head_dims(dim_qk, dim_v, minimum=MIN_HEAD_DIM, maximum=MAX_HEAD_DIM)
     check_gqa(q.shape[-2], k.shape[-2])
     if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"v: expected {k.shape[-2]} heads (the heads of k), got {v.shape[-2]}")
+        raise ValueError(f"v must have {k.shape[-2]} heads (the heads of k), got {v.shape[-2]}")
     if layout == "bshd":
         if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
             bad, got = ("k", k) if k.shape[0] != q.shape[0] else ("v", v)
-            raise ValueError(f"{bad}: expected batch size {q.shape[0]} (the batch of q), got {got.shape[0]}")
+            raise ValueError(f"{bad} must have batch size {q.shape[0]} (the batch of q), got {got.shape[0]}")
         if v.shape[1] != k.shape[1]:
-            raise ValueError(f"v: expected seqlen {k.shape[1]} (the seqlen of k), got {v.shape[1]}")
+            raise ValueError(f"v must have seqlen {k.shape[1]} (the seqlen of k), got {v.shape[1]}")
     elif v.shape[:-1] != k.shape[:-1]:
-        raise ValueError(f"v: expected leading dims {tuple(k.shape[:-1])} (those of k), got {tuple(v.shape[:-1])}")
+        raise ValueError(f"v must have leading dims {tuple(k.shape[:-1])} (those of k), got {tuple(v.shape[:-1])}")
 
 
 def _softmax_scale(softmax_scale, dim_qk: int) -> float:
@@ -134,7 +134,7 @@ def _check_alibi(alibi_slopes, q, batch: int, heads_q: int) -> None:
     check_dtype("alibi_slopes", alibi_slopes, (torch.float32,))
     check_same_device("q", q, alibi_slopes=alibi_slopes)
     if tuple(alibi_slopes.shape) not in ((heads_q,), (batch, heads_q)):
-        raise ValueError(f"alibi_slopes: expected shape ({heads_q},) or ({batch}, {heads_q}), got {tuple(alibi_slopes.shape)}")
+        raise ValueError(f"alibi_slopes must have shape ({heads_q},) or ({batch}, {heads_q}), got {tuple(alibi_slopes.shape)}")
     check_last_dim_contiguous("alibi_slopes", alibi_slopes)
 
 
@@ -146,7 +146,7 @@ def _check_sink(sink, q, heads_q: int, name: str = "sink_ptr") -> None:
     check_same_device("q", q, **{name: sink})
     check_shape(name, sink, (heads_q,), "(heads_q,)")
     if sink.stride(0) != 1 and heads_q > 1:
-        raise ValueError(f"{name}: expected a contiguous tensor, got stride {sink.stride(0)}")
+        raise ValueError(f"{name} must be a contiguous tensor, got stride {sink.stride(0)}")
 
 
 def _check_descale(name: str, descale, q, batch: int, heads_kv: int) -> None:
@@ -154,7 +154,7 @@ def _check_descale(name: str, descale, q, batch: int, heads_kv: int) -> None:
     check_dtype(name, descale, (torch.float32,))
     check_same_device("q", q, **{name: descale})
     if tuple(descale.shape) not in ((1,), (batch, heads_kv)):
-        raise ValueError(f"{name}: expected shape (1,) or ({batch}, {heads_kv}), got {tuple(descale.shape)}")
+        raise ValueError(f"{name} must have shape (1,) or ({batch}, {heads_kv}), got {tuple(descale.shape)}")
 
 
 def _check_softcap(logits_soft_cap) -> float:
@@ -166,7 +166,7 @@ def _check_out(out, q, shape, dtype) -> None:
         return
     check_tensor("out", out)
     if out.dtype != dtype:
-        raise TypeError(f"out: expected dtype {dtype_name(dtype)}, got {dtype_name(out.dtype)}")
+        raise TypeError(f"out must have dtype {dtype_name(dtype)}, got {dtype_name(out.dtype)}")
     check_same_device("q", q, out=out)
     check_shape("out", out, shape)
     check_last_dim_contiguous("out", out)
@@ -181,7 +181,7 @@ def _cu_seqlens(name: str, cu, batch: int | None, device) -> Tensor | None:
     if batch is None:
         check_int32_vector(name, cu, device=device)
         if cu.shape[0] < 2:
-            raise ValueError(f"{name}: expected at least 2 entries (batch + 1), got {cu.shape[0]}")
+            raise ValueError(f"{name} must have at least 2 entries (batch + 1), got {cu.shape[0]}")
     else:
         check_int32_vector(name, cu, batch + 1, device=device)
     return cu
@@ -359,7 +359,7 @@ def flash_attn_func(
     check_bool("return_lse", return_lse)
     check_bool("return_attn_probs", return_attn_probs)
     if how_v3_bf16_cvt not in (0, 1, 2):
-        raise ValueError(f"how_v3_bf16_cvt: expected 0 (RTNE), 1 (RTNA) or 2 (RTZ), got {how_v3_bf16_cvt!r}")
+        raise ValueError(f"how_v3_bf16_cvt must be 0 (RTNE), 1 (RTNA) or 2 (RTZ), got {how_v3_bf16_cvt!r}")
     check_int("num_splits", num_splits, minimum=0)
     want_probs = return_attn_probs and dropout_p > 0
     q, k, v, bias, alibi_slopes, sink_ptr, cu_q, cu_k = _distinct(q, k, v, bias, alibi_slopes, sink_ptr, cu_q, cu_k)
@@ -381,11 +381,11 @@ def _validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     heads_q, dim_qk = q.shape[1], q.shape[2]
     cu_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, None, q.device)
     if cu_q is None:
-        raise TypeError("cu_seqlens_q: expected an int32 tensor of batch + 1 entries, got None")
+        raise TypeError("cu_seqlens_q must be an int32 tensor of batch + 1 entries, got None")
     batch = cu_q.shape[0] - 1
     cu_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, batch, q.device)
     if cu_k is None:
-        raise TypeError(f"cu_seqlens_k: expected an int32 tensor of {batch + 1} entries, got None")
+        raise TypeError(f"cu_seqlens_k must be an int32 tensor of {batch + 1} entries, got None")
     max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, minimum=0)
     max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, minimum=0)
     min_seqlen_q = check_int("min_seqlen_q", min_seqlen_q, minimum=0)
@@ -402,17 +402,17 @@ def _validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if paged:
         check_tensor("block_table", block_table)
         if block_table.dtype != torch.int32:
-            raise TypeError(f"block_table: expected dtype int32, got {dtype_name(block_table.dtype)}")
+            raise TypeError(f"block_table must have dtype int32, got {dtype_name(block_table.dtype)}")
         check_ndim("block_table", block_table, 2, "(batch, max_blocks_per_seq)")
         if block_table.shape[0] != batch:
-            raise ValueError(f"block_table: expected {batch} rows (one per sequence), got {block_table.shape[0]}")
+            raise ValueError(f"block_table must have {batch} rows (one per sequence), got {block_table.shape[0]}")
         check_same_device("q", q, block_table=block_table)
         check_last_dim_contiguous("block_table", block_table)
         if pad_q is not None or pad_k is not None:
-            raise ValueError("cu_seqlens_q_padded / cu_seqlens_k_padded: expected None with block_table (paged KV), got a tensor")
+            raise ValueError("cu_seqlens_q_padded / cu_seqlens_k_padded must be None with block_table (paged KV), got a tensor")
         if max_seqlen_k > block_table.shape[1] * k.shape[1]:
             raise ValueError(
-                f"max_seqlen_k: expected at most {block_table.shape[1] * k.shape[1]} (block_table columns x "
+                f"max_seqlen_k must be at most {block_table.shape[1] * k.shape[1]} (block_table columns x "
                 f"page_block_size), got {max_seqlen_k}"
             )
     return cu_q, cu_k, pad_q, pad_k, dropout_p, scale, softcap, window, (max_seqlen_q, max_seqlen_k, min_seqlen_q)
@@ -467,10 +467,10 @@ def flash_attn_varlen_func(
     check_bool("return_lse", return_lse)
     check_bool("return_attn_probs", return_attn_probs)
     if how_v3_bf16_cvt not in (0, 1, 2):
-        raise ValueError(f"how_v3_bf16_cvt: expected 0 (RTNE), 1 (RTNA) or 2 (RTZ), got {how_v3_bf16_cvt!r}")
+        raise ValueError(f"how_v3_bf16_cvt must be 0 (RTNE), 1 (RTNA) or 2 (RTZ), got {how_v3_bf16_cvt!r}")
     _check_out(out, q, (q.shape[0], q.shape[1], v.shape[-1]), q.dtype)
     if block_table is not None and _needs_grad(q, k, v, bias, sink_ptr):
-        raise ValueError("block_table: paged KV is forward-only; expected inputs that do not require grad (use torch.no_grad())")
+        raise ValueError("block_table must be None for inputs that require grad: paged KV is forward-only (use torch.no_grad())")
     want_probs = return_attn_probs and dropout_p > 0
     q, k, v, bias, alibi_slopes, sink_ptr, cu_q, cu_k, pad_q, pad_k = _distinct(
         q, k, v, bias, alibi_slopes, sink_ptr, cu_q, cu_k, pad_q, pad_k)
@@ -603,10 +603,10 @@ def _check_fp8_descales(q, q_descale, k_descale, v_descale, batch, heads_kv):
     if q.dtype in FP8_DTYPES:
         for name, d in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale)):
             if d is None:
-                raise TypeError(f"{name}: expected a float32 tensor (1,) or ({batch}, {heads_kv}) for fp8 inputs, got None")
+                raise TypeError(f"{name} must be a float32 tensor (1,) or ({batch}, {heads_kv}) for fp8 inputs, got None")
             _check_descale(name, d, q, batch, heads_kv)
     elif any(given):
-        raise ValueError(f"q_descale/k_descale/v_descale: expected None for {dtype_name(q.dtype)} inputs (descales apply to fp8 only), got a tensor")
+        raise ValueError(f"q_descale/k_descale/v_descale must be None for {dtype_name(q.dtype)} inputs (descales apply to fp8 only), got a tensor")
 
 
 def mha_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, min_seqlen_q: int,
@@ -643,7 +643,7 @@ def _check_grad_buffers(q, k, v, dq, dk, dv):
             continue
         check_tensor(name, buf)
         if buf.dtype != like.dtype:
-            raise TypeError(f"{name}: expected dtype {dtype_name(like.dtype)}, got {dtype_name(buf.dtype)}")
+            raise TypeError(f"{name} must have dtype {dtype_name(like.dtype)}, got {dtype_name(buf.dtype)}")
         check_same_device("q", q, **{name: buf})
         check_shape(name, buf, tuple(like.shape))
         check_last_dim_contiguous(name, buf)
@@ -658,7 +658,7 @@ def _check_bwd_tensors(dout, out, softmax_lse, q, v, lse_shape):
     check_shape("out", out, out_shape)
     for name, x in (("dout", dout), ("out", out)):
         if x.dtype != q.dtype:
-            raise TypeError(f"{name}: expected dtype {dtype_name(q.dtype)} (the dtype of q), got {dtype_name(x.dtype)}")
+            raise TypeError(f"{name} must have dtype {dtype_name(q.dtype)} (the dtype of q), got {dtype_name(x.dtype)}")
         check_last_dim_contiguous(name, x)
     check_dtype("softmax_lse", softmax_lse, (torch.float32,))
     check_shape("softmax_lse", softmax_lse, lse_shape)
@@ -697,9 +697,9 @@ def mha_bwd(dout, q, k, v, out, softmax_lse, dropout_p: float, softmax_scale: fl
     _check_extra_grad("dbias", dbias, (q.shape[1], k.shape[1]), q)
     _check_extra_grad("d_sink", d_sink, (q.shape[2],), q)
     if dbias is not None and bias is None:
-        raise ValueError("dbias: expected None when bias is None, got a tensor")
+        raise ValueError("dbias must be None when bias is None, got a tensor")
     if d_sink is not None and sink is None:
-        raise ValueError("d_sink: expected None when sink is None, got a tensor")
+        raise ValueError("d_sink must be None when sink is None, got a tensor")
     gq, gk, gv, delta = torch.ops.aiter.mha_bwd(
         dout, q, k, v, out, softmax_lse, dropout_p, scale, is_causal, window[0], window[1], deterministic, dq=dq,
         dk=dk, dv=dv, dbias=dbias, bias=bias, alibi_slopes=alibi_slopes, rng_state=rng_state, sink=sink,
@@ -713,7 +713,7 @@ def _check_rng(rng_state, dropout_p, q):
     if dropout_p <= 0:
         return
     if rng_state is None:
-        raise TypeError("rng_state: expected the (2,) int64 tensor the forward returned (dropout_p > 0), got None")
+        raise TypeError("rng_state must be the (2,) int64 tensor the forward returned (dropout_p > 0), got None")
     check_tensor("rng_state", rng_state)
     check_dtype("rng_state", rng_state, (torch.int64,))
     check_shape("rng_state", rng_state, (2,))
@@ -743,9 +743,9 @@ def mha_varlen_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, 
     _check_extra_grad("dbias", dbias, (max_seqlen_q, max_seqlen_k), q)
     _check_extra_grad("d_sink", d_sink, (q.shape[1],), q)
     if dbias is not None and bias is None:
-        raise ValueError("dbias: expected None when bias is None, got a tensor")
+        raise ValueError("dbias must be None when bias is None, got a tensor")
     if d_sink is not None and sink is None:
-        raise ValueError("d_sink: expected None when sink is None, got a tensor")
+        raise ValueError("d_sink must be None when sink is None, got a tensor")
     gq, gk, gv, delta = torch.ops.aiter.mha_varlen_bwd(
         dout, q, k, v, out, softmax_lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, zero_tensors,
         is_causal, window[0], window[1], deterministic, dq=dq, dk=dk, dv=dv, alibi_slopes=alibi_slopes,

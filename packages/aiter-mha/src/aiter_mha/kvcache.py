@@ -81,7 +81,7 @@ def _check_cache(name: str, cache, paged: bool) -> None:
 def _seqlens_tensor(cache_seqlens, batch: int, device, default: Optional[int]) -> Tensor:
     if cache_seqlens is None:
         if default is None:
-            raise TypeError("cache_seqlens: expected an int or an int32 tensor (batch,) with a paged cache, got None")
+            raise TypeError("cache_seqlens must be an int or an int32 tensor (batch,) with a paged cache, got None")
         return torch.full((batch,), default, dtype=torch.int32, device=device)
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         check_int("cache_seqlens", cache_seqlens, minimum=0)
@@ -133,18 +133,18 @@ def flash_attn_with_kvcache(
     _check_cache("v_cache", v_cache, paged)
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
         if x.dtype != q.dtype:
-            raise TypeError(f"{name}: expected dtype {dtype_name(q.dtype)} (the dtype of q), got {dtype_name(x.dtype)}")
+            raise TypeError(f"{name} must have dtype {dtype_name(q.dtype)} (the dtype of q), got {dtype_name(x.dtype)}")
     check_same_device("q", q, k_cache=k_cache, v_cache=v_cache)
     batch, seqlen_q, heads_q, dim = q.shape
     heads_kv, dim_v = k_cache.shape[2], v_cache.shape[3]
     if k_cache.shape[3] != dim:
-        raise ValueError(f"k_cache: expected head dim {dim} (the head dim of q), got {k_cache.shape[3]}")
+        raise ValueError(f"k_cache must have head dim {dim} (the head dim of q), got {k_cache.shape[3]}")
     if v_cache.shape[:3] != k_cache.shape[:3]:
-        raise ValueError(f"v_cache: expected leading dims {tuple(k_cache.shape[:3])} (those of k_cache), got {tuple(v_cache.shape[:3])}")
+        raise ValueError(f"v_cache must have leading dims {tuple(k_cache.shape[:3])} (those of k_cache), got {tuple(v_cache.shape[:3])}")
     check_head_dims(dim, dim_v, minimum=MIN_HEAD_DIM, maximum=MAX_HEAD_DIM)
     check_gqa(heads_q, heads_kv, k_name="k_cache")
     if cache_leftpad is not None:
-        raise NotImplementedError("cache_leftpad: not supported (expected None)")
+        raise NotImplementedError("cache_leftpad must be None: left padding of the cache is not supported")
     check_int("num_splits", num_splits, minimum=0)
     check_bool("causal", causal)
     check_bool("rotary_interleaved", rotary_interleaved)
@@ -154,14 +154,14 @@ def flash_attn_with_kvcache(
     if paged:
         check_tensor("block_table", block_table)
         if block_table.dtype != torch.int32:
-            raise TypeError(f"block_table: expected dtype int32, got {dtype_name(block_table.dtype)}")
+            raise TypeError(f"block_table must have dtype int32, got {dtype_name(block_table.dtype)}")
         check_ndim("block_table", block_table, 2, "(batch, max_blocks_per_seq)")
         if block_table.shape[0] != batch:
-            raise ValueError(f"block_table: expected {batch} rows (the batch of q), got {block_table.shape[0]}")
+            raise ValueError(f"block_table must have {batch} rows (the batch of q), got {block_table.shape[0]}")
         check_same_device("q", q, block_table=block_table)
         check_last_dim_contiguous("block_table", block_table)
         if cache_batch_idx is not None:
-            raise ValueError("cache_batch_idx: expected None with a paged cache (block_table picks the pages), got a tensor")
+            raise ValueError("cache_batch_idx must be None with a paged cache (block_table picks the pages), got a tensor")
         capacity = block_table.shape[1] * k_cache.shape[1]
         table = block_table
     else:
@@ -171,49 +171,49 @@ def flash_attn_with_kvcache(
             rows = cache_batch_idx
         else:
             if k_cache.shape[0] < batch:
-                raise ValueError(f"k_cache: expected at least {batch} rows (the batch of q), got {k_cache.shape[0]}")
+                raise ValueError(f"k_cache must have at least {batch} rows (the batch of q), got {k_cache.shape[0]}")
             rows = torch.arange(batch, dtype=torch.int32, device=q.device)
         table = rows.reshape(batch, 1)  # one page per sequence: the whole cache row
     lens = _seqlens_tensor(cache_seqlens, batch, q.device, None if paged else capacity)
 
     seqlen_new = 0
     if (k is None) != (v is None):
-        raise ValueError(f"k, v: expected both or neither, got k={'None' if k is None else 'a tensor'} and v={'None' if v is None else 'a tensor'}")
+        raise ValueError(f"k and v must be given together, got k={'None' if k is None else 'a tensor'} and v={'None' if v is None else 'a tensor'}")
     if k is not None:
         if cache_seqlens is None:
-            raise TypeError("cache_seqlens: expected an int or an int32 tensor (batch,) when appending k/v, got None")
+            raise TypeError("cache_seqlens must be an int or an int32 tensor (batch,) when appending k/v, got None")
         for name, x, d in (("k", k, dim), ("v", v, dim_v)):
             check_tensor(name, x)
             check_ndim(name, x, 4, "(batch, seqlen_new, heads_kv, head_dim)")
             if x.dtype != q.dtype:
-                raise TypeError(f"{name}: expected dtype {dtype_name(q.dtype)} (the dtype of q), got {dtype_name(x.dtype)}")
+                raise TypeError(f"{name} must have dtype {dtype_name(q.dtype)} (the dtype of q), got {dtype_name(x.dtype)}")
             if x.shape[0] != batch or x.shape[2] != heads_kv or x.shape[3] != d:
-                raise ValueError(f"{name}: expected shape ({batch}, seqlen_new, {heads_kv}, {d}), got {tuple(x.shape)}")
+                raise ValueError(f"{name} must have shape ({batch}, seqlen_new, {heads_kv}, {d}), got {tuple(x.shape)}")
             check_same_device("q", q, **{name: x})
         if v.shape[1] != k.shape[1]:
-            raise ValueError(f"v: expected seqlen_new {k.shape[1]} (that of k), got {v.shape[1]}")
+            raise ValueError(f"v must have seqlen_new {k.shape[1]} (that of k), got {v.shape[1]}")
         seqlen_new = k.shape[1]
         if seqlen_new > capacity:
-            raise ValueError(f"k: expected at most {capacity} new tokens (the cache capacity), got {seqlen_new}")
+            raise ValueError(f"k must have at most {capacity} new tokens (the cache capacity), got {seqlen_new}")
 
     window = _window(window_size, causal, capacity)
     local = causal or window[0] >= 0 or window[1] >= 0
     if (rotary_cos is None) != (rotary_sin is None):
-        raise ValueError("rotary_cos, rotary_sin: expected both or neither")
+        raise ValueError("rotary_cos and rotary_sin must be given together")
     if rotary_cos is not None:
         if k is None:
-            raise ValueError("rotary_cos: rotary embedding needs new k/v to append (k, v are None)")
+            raise ValueError("rotary_cos must be None when no new k/v are appended (k, v are None)")
         for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
             check_tensor(name, t)
             check_ndim(name, t, 2, "(seqlen_ro, rotary_dim / 2)")
             check_dtype(name, t, HIGH_PRECISION_DTYPES)
             check_same_device("q", q, **{name: t})
         if rotary_sin.shape != rotary_cos.shape:
-            raise ValueError(f"rotary_sin: expected shape {tuple(rotary_cos.shape)} (that of rotary_cos), got {tuple(rotary_sin.shape)}")
+            raise ValueError(f"rotary_sin must have shape {tuple(rotary_cos.shape)} (that of rotary_cos), got {tuple(rotary_sin.shape)}")
         if 2 * rotary_cos.shape[1] > dim:
-            raise ValueError(f"rotary_cos: expected rotary_dim = 2 * {rotary_cos.shape[1]} <= head dim {dim}")
+            raise ValueError(f"rotary_cos must have at most {dim // 2} columns (rotary_dim = 2 x columns <= head dim {dim}), got {rotary_cos.shape[1]}")
         if rotary_cos.shape[0] < capacity:
-            raise ValueError(f"rotary_cos: expected at least {capacity} positions (the cache capacity), got {rotary_cos.shape[0]}")
+            raise ValueError(f"rotary_cos must have at least {capacity} positions (the cache capacity), got {rotary_cos.shape[0]}")
     _check_alibi(alibi_slopes, q, batch, heads_q)
     _check_sink(sink_ptr, q, heads_q)
     scale = _softmax_scale(softmax_scale, dim)

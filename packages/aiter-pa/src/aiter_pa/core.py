@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from aiter_core.checks import check_ndim, check_tensor
 from aiter_core.quant import KVQuant
 from aiter_core.registry import Problem, dispatch
 
@@ -111,24 +112,15 @@ def run_paged(call: PagedCall, backend: str | None = None) -> torch.Tensor:
 
 
 def check_int_tensor(name: str, t, dims: int | None = None, device=None) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be an int32/int64 tensor, got {type(t).__name__}")
-    if t.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
-    if dims is not None and t.dim() != dims:
-        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} must be on {device} (the query's device), got {t.device}")
-    return t
+    """An int32 or int64 tensor (block tables, slot mappings), optionally of a rank and on a device."""
+    return check_tensor(name, t, ndim=dims, dtypes=(torch.int32, torch.int64), device=device)
 
 
 def check_query(name: str, q, dims: int = 3) -> torch.Tensor:
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(q).__name__}")
+    check_tensor(name, q)
     if q.dtype not in QUERY_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16 or float32 (fp8 queries are not supported), got {q.dtype}")
-    if q.dim() != dims:
-        raise ValueError(f"{name} must be {dims}-D [tokens, heads, head_dim], got shape {tuple(q.shape)}")
+    check_ndim(name, q, dims, "[tokens, heads, head_dim]")
     if not head_dim_supported(q.shape[-1]):
         raise ValueError(f"{name} head_dim {q.shape[-1]} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
     return q

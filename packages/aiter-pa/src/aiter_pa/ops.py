@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import torch
 
+from aiter_core.checks import check_device, check_dtype, check_shape, check_tensor
 from aiter_core.ops import register_op
 from aiter_core.quant import KVQuant
 from aiter_core.registry import Problem, dispatch
@@ -36,14 +37,10 @@ def _check_hp(high_precision: int) -> None:
 
 
 def _check_out(name: str, out: Tensor, shape: tuple, device) -> None:
-    if not isinstance(out, Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(out).__name__}")
-    if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
-    if out.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {out.dtype}")
-    if out.device != device:
-        raise ValueError(f"{name} must be on {device}, got {out.device}")
+    check_tensor(name, out)
+    check_shape(name, out, tuple(shape))
+    check_dtype(name, out, (torch.float16, torch.bfloat16, torch.float32))
+    check_device(name, out, device)
 
 
 def _check_alibi(alibi: Optional[Tensor], num_heads: int, device) -> None:

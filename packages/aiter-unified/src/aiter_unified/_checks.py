@@ -1,41 +1,26 @@
 """Argument checks of ``unified_attention``: host-side only (shapes, dtypes, devices, Python
-values), never tensor contents, so they cost no device sync and run under CUDA-graph capture."""
+values), never tensor contents, so they cost no device sync and run under CUDA-graph capture.
+The generic checks are :mod:`aiter_core.checks`; the rules here are unified attention's own."""
 
 from __future__ import annotations
 
 import torch
 
+from aiter_core.checks import (
+    check_bool,
+    check_device,
+    check_float,
+    check_int,
+    check_last_dim_contiguous,
+    check_scalar_f32,
+    check_tensor,
+    describe,
+)
+
 FP8 = (torch.float8_e4m3fn,)
 FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 512
 MIN_BLOCK, MAX_BLOCK = 1, 256
-
-
-def _desc(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
-    return type(x).__name__
-
-
-def _tensor(name: str, x, dims: int | None = None):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {_desc(x)}")
-    if dims is not None and x.dim() != dims:
-        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(x.shape)}")
-
-
-def _device(name: str, x: torch.Tensor, device: torch.device):
-    if x.device != device:
-        raise ValueError(f"{name} must be on {device} (q's device), got {x.device}")
-
-
-def _scalar_f32(name: str, x, device):
-    if x is None:
-        return
-    _tensor(name, x)
-    if x.numel() != 1 or x.dtype != torch.float32:
-        raise ValueError(f"{name} must be a float32 tensor with one element (per-tensor scale), got {_desc(x)}")
-    _device(name, x, device)
 
 
 def check_unified_args(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale, causal,
@@ -51,10 +36,10 @@ def check_unified_args(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_
     if causal is not True:
         raise ValueError(f"causal must be True (unified attention is causal only, as upstream), got {causal!r}")
     for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
-        _tensor(name, x, 3 if name in ("q", "out") else 4)
+        check_tensor(name, x, ndim=3 if name in ("q", "out") else 4)
     device = q.device
     for name, x in (("k", k), ("v", v), ("out", out)):
-        _device(name, x, device)
+        check_device(name, x, device, like="q")
     if q.dtype not in FLOAT + FP8:
         raise TypeError(f"q must be float16, bfloat16, float32 or float8_e4m3fn, got {q.dtype}")
     if k.dtype != v.dtype:
@@ -81,15 +66,9 @@ def check_unified_args(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_
     if tuple(out.shape) != tuple(q.shape):
         raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
     for name, x in (("q", q), ("out", out), ("k", k), ("v", v)):
-        if x.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last (head) dim, got strides {x.stride()}")
-    _tensor("cu_seqlens_q", cu_seqlens_q, 1)
-    _tensor("seqused_k", seqused_k, 1)
-    _tensor("block_table", block_table, 2)
-    for name, x in (("cu_seqlens_q", cu_seqlens_q), ("seqused_k", seqused_k), ("block_table", block_table)):
-        if x.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32, got {x.dtype}")
-        _device(name, x, device)
+        check_last_dim_contiguous(name, x)
+    for name, x, ndim in (("cu_seqlens_q", cu_seqlens_q, 1), ("seqused_k", seqused_k, 1), ("block_table", block_table, 2)):
+        check_tensor(name, x, ndim=ndim, dtypes=(torch.int32,), device=device, like="q")
     num_seqs = cu_seqlens_q.shape[0] - 1
     if num_seqs < 1:
         raise ValueError(f"cu_seqlens_q must have num_seqs + 1 >= 2 entries, got shape {tuple(cu_seqlens_q.shape)}")
@@ -97,44 +76,39 @@ def check_unified_args(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_
         raise ValueError(f"seqused_k must have num_seqs={num_seqs} entries, got {seqused_k.shape[0]}")
     if block_table.shape[0] < num_seqs:
         raise ValueError(f"block_table must have at least num_seqs={num_seqs} rows, got {block_table.shape[0]}")
-    for name, x in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(x, bool) or not isinstance(x, int):
-            raise TypeError(f"{name} must be an int, got {type(x).__name__}")
-        if x < 1:
-            raise ValueError(f"{name} must be >= 1, got {x}")
+    check_int("max_seqlen_q", max_seqlen_q, minimum=1)
+    check_int("max_seqlen_k", max_seqlen_k, minimum=1)
     if max_seqlen_q > max_seqlen_k:
         raise ValueError(f"max_seqlen_q ({max_seqlen_q}) cannot exceed max_seqlen_k ({max_seqlen_k}): "
                          "seqused_k counts the new tokens too")
     if block_table.shape[1] * block_size < max_seqlen_k:
         raise ValueError(f"block_table has {block_table.shape[1]} blocks of {block_size} per sequence, fewer than "
                          f"max_seqlen_k={max_seqlen_k} tokens")
-    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
-        raise TypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}")
+    check_float("softmax_scale", softmax_scale)
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or \
             not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size):
         raise ValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
-    if softcap is None or isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap < 0:
-        raise ValueError(f"softcap must be a float >= 0 (0 disables it), got {softcap!r}")
+    check_float("softcap", softcap, minimum=0.0)
     for name, x in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale),
                     ("output_scale", output_scale)):
-        _scalar_f32(name, x, device)
+        if x is not None:
+            check_scalar_f32(name, x, device=device, like="q")
     if (k_descale is None) != (v_descale is None):
         raise ValueError("k_descale and v_descale must be given together (per-tensor KV scales), got only "
                          + ("k_descale" if v_descale is None else "v_descale"))
     for name, x in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
         if x is None:
             continue
-        _tensor(name, x, 1)
+        check_tensor(name, x, ndim=1)
         if x.shape[0] != heads_q or x.dtype != torch.float32:
-            raise ValueError(f"{name} must be float32 [{heads_q}] (one per q head), got {_desc(x)}")
-        _device(name, x, device)
+            raise ValueError(f"{name} must be float32 [{heads_q}] (one per q head), got {describe(x)}")
+        check_device(name, x, device, like="q")
     if qq_bias is not None:
-        _tensor("qq_bias", qq_bias, 2)
+        check_tensor("qq_bias", qq_bias, ndim=2)
         if qq_bias.shape[0] < max_seqlen_q or qq_bias.shape[1] < max_seqlen_q or qq_bias.stride(1) != 1:
             raise ValueError(f"qq_bias must be [n, n] with n >= max_seqlen_q={max_seqlen_q} and unit last stride, "
-                             f"got {_desc(qq_bias)}")
+                             f"got {describe(qq_bias)}")
         if qq_bias.dtype not in FLOAT:
             raise TypeError(f"qq_bias must be float16, bfloat16 or float32, got {qq_bias.dtype}")
-        _device("qq_bias", qq_bias, device)
-    if not isinstance(skip_reduce, bool):
-        raise TypeError(f"skip_reduce must be a bool, got {type(skip_reduce).__name__}")
+        check_device("qq_bias", qq_bias, device, like="q")
+    check_bool("skip_reduce", skip_reduce)
