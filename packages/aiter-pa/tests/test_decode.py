@@ -152,6 +152,36 @@ def test_fp16_dots_for_8bit_cache(monkeypatch, quant, store, mtp):
         assert rel <= 1e-2, f"partitions={parts}: relative error {rel:.2e}"
 
 
+@pytest.mark.parametrize("layout,quant,store", [("NHD", N, None), ("HND", N, None), ("HND", PT, FP8),
+                                                 ("NHD", PTEN, FP8)])
+def test_unused_cache_slots_never_reach_the_output(layout, quant, store):
+    """The kernel loads K/V tiles without a token mask (addresses stay in the pool): every slot no
+    sequence owns, the tail of each last block and the unreferenced blocks, is NaN here and must
+    not reach the output, with padded block-table entries (-1) and split partitions."""
+    dtype = torch.float32 if INTERPRET else torch.float16
+    ctx, bs = [37, 70, 5], 16
+    kv = make_paged_kv(ctx, 2, 32, bs, layout, quant, dtype, store, DEVICE, seed=41, extra_blocks=3)
+    used = torch.zeros(kv.num_blocks, bs, dtype=torch.bool)
+    for i, c in enumerate(ctx):
+        for t in range(c):
+            used[int(kv.block_tables[i, t // bs]), t % bs] = True
+    unused = ~used.to(DEVICE)
+    for cache in (kv.key_cache, kv.value_cache):
+        fp8 = cache.dtype == FP8
+        raw = cache.view(torch.uint8) if fp8 else cache  # 0x7F is e4m3fn's NaN
+        view = raw if layout == "NHD" else raw.transpose(1, 2)  # [nb, bs, H, D]
+        view[unused] = 0x7F if fp8 else float("nan")
+    assert (kv.block_tables == -1).any()  # padded entries are exercised too
+    q = _query(len(ctx), 8, 32, dtype, 41)
+    for parts in (1, 3):
+        out = poison(torch.empty(len(ctx), 8, 32, dtype=dtype, device=DEVICE))
+        aiter_pa.paged_attention_decode(out, q, kv.key_cache, kv.value_cache, kv.context_lens, kv.block_tables,
+                                        32 ** -0.5, max(ctx), None, kv.k_scale, kv.v_scale, parts,
+                                        kv_cache_layout=layout)
+        ref = paged_attention_ref(q.cpu().float(), kv.k_deq, kv.v_deq, kv.block_tables.cpu(), ctx, 32 ** -0.5)
+        _check(out, ref, dtype, f"partitions={parts}")
+
+
 def test_kv_compute_env_is_checked(monkeypatch):
     from aiter_pa.triton.launch import _kv_in_fp16
 
