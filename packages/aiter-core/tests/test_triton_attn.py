@@ -182,10 +182,12 @@ def _gather_kernel(cache_ptr, scale_ptr, bt_ptr, out_ptr, same_ptr, seq_len, num
     col, shift = ta.kv_storage_col(d, QUANT)
     ptrs = (cache_ptr + head * s_head + ta.paged_token_offset(phys, off, s_blk, TX, s_t_hi, s_t_lo)[:, None]
             + ta.packed_col_offset(col, CX, s_c_hi, s_c_lo)[None, :])
-    # the from-token form must address the same elements
+    # the from-token form, in int64 and in int32, must address the same elements
     a = ta.paged_token_offset(phys, off, s_blk, TX, s_t_hi, s_t_lo)
-    b = ta.paged_token_offset_from_tok(phys, tok, s_blk, BLOCK_SIZE, TX, s_t_hi, s_t_lo)
-    tl.store(same_ptr + tl.program_id(0), tl.sum(tl.where(valid, tl.abs(a - b), 0), 0).to(tl.int32))
+    b = ta.paged_token_offset_from_tok(phys, tok, s_blk, BLOCK_SIZE, TX, s_t_hi, s_t_lo, 64)
+    b32 = ta.paged_token_offset_from_tok(phys, tok, s_blk, BLOCK_SIZE, TX, s_t_hi, s_t_lo, 32)
+    differ = tl.where(valid, tl.abs(a - b) + tl.abs(a - b32.to(tl.int64)), 0)
+    tl.store(same_ptr + tl.program_id(0), tl.sum(differ, 0).to(tl.int32))
     x = tl.load(ptrs, mask=valid[:, None])
     sc = ta.load_kv_scale(scale_ptr, QUANT, head, phys, off, s_sblk, s_shead, s_stok, valid)
     v = ta.dequant_kv_tile(x, sc, QUANT, shift[None, :], 0)
@@ -274,3 +276,13 @@ def test_constants_match_kvquant():
         int(m) for m in (KVQuant.NONE, KVQuant.PER_HEAD_8BIT, KVQuant.PER_TOKEN_8BIT, KVQuant.PER_TOKEN_4BIT,
                          KVQuant.PER_TENSOR_8BIT))
     assert math.isclose(ta.LOG2E * ta.LN2, 1.0)
+
+
+def test_max_element_offset():
+    t = torch.empty(4, 16, 8, 32)
+    assert ta.max_element_offset(t) == t.numel() - 1
+    assert ta.max_element_offset(t.transpose(1, 2)) == t.numel() - 1
+    assert ta.max_element_offset(t[:, :, 2]) == 3 * 4096 + 15 * 256 + 31  # from the view's own start
+    assert ta.max_element_offset(torch.empty(0, 3)) == -1
+    assert ta.max_element_offset(torch.empty(1, 1).expand(2**20, 2**12)) == 0  # broadcast: stride 0
+

@@ -114,8 +114,11 @@ VECTOR_CHECKED = ("bf16-hnd-d128-g4", "bf16-hnd-d128-g4-split", "fp8-pertensor-v
 
 
 @pytest.mark.parametrize("name", list(DECODE_CONFIGS))
-def test_paged_attention_kernel_compiles_for_sm90(name):
+@pytest.mark.parametrize("offset_bits", [32, 64])
+def test_paged_attention_kernel_compiles_for_sm90(name, offset_bits):
     launch = _decode_launch(**DECODE_CONFIGS[name])
+    assert launch.constexprs["OFFSET_BITS"] == 32  # these caches are small
+    launch.constexprs["OFFSET_BITS"] = offset_bits  # what a cache past 2**31 elements gets
     kernel = compile_sm90(_paged_attn_kernel, launch.args, launch.constexprs, launch.num_warps, launch.num_stages)
     ptx = kernel.asm["ptx"]
     if name in VECTOR_CHECKED:

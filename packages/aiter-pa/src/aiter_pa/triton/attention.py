@@ -27,6 +27,9 @@ scales are divided by their tile maximum first so ``p * scale`` stays clear of f
 first; P is scaled by 256 into fp8's normal range and the softmax sums use the rounded P);
 1 = P and V in the query's 16-bit type; 2 = P and dequantized V in fp32 with an IEEE fp32 dot.
 
+Addresses: ``OFFSET_BITS`` 32 when every element of both caches is within ``2**31`` of its data
+pointer (the launcher checks the shapes and strides), else 64.
+
 Split-K (``SPLIT``): program ``part`` covers keys ``[part * PART, (part+1) * PART)`` and writes the
 normalised partial output, its running max (natural log) and exp-sum; aiter_core's
 ``splitk_merge`` combines them (an empty partition writes sum 0 and is never read).
@@ -67,7 +70,7 @@ def _paged_attn_kernel(
     # HEAD_D2 (MLA's 576 = 512 + 64, 192 = 128 + 64): two dots instead of one padded to 1024 / 256
     HEAD_D2: tl.constexpr, BLOCK_D2: tl.constexpr,
     HAS_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-    KV_FP16: tl.constexpr,
+    KV_FP16: tl.constexpr, OFFSET_BITS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -162,8 +165,13 @@ def _paged_attn_kernel(
     vcol, vshift = ta.kv_storage_col(offs_dv, QUANT_V)
     k_col_off = ta.packed_col_offset(kcol, K_CX, s_kc_hi, s_kc_lo)
     v_col_off = ta.packed_col_offset(vcol, V_CX, s_vc_hi, s_vc_lo)
-    k_base = k_ptr + kvh.to(tl.int64) * s_kh
-    v_base = v_ptr + kvh.to(tl.int64) * s_vh
+    # OFFSET_BITS 32 (the launcher checked every cache offset fits): int32 address arithmetic
+    if OFFSET_BITS == 32:
+        k_base = k_ptr + kvh * s_kh
+        v_base = v_ptr + kvh * s_vh
+    else:
+        k_base = k_ptr + kvh.to(tl.int64) * s_kh
+        v_base = v_ptr + kvh.to(tl.int64) * s_vh
 
     # -- the cached keys of this partition --------------------------------------------------------
     lo = part * part_tokens
@@ -188,7 +196,7 @@ def _paged_attn_kernel(
         gvalid = tl.max_constancy(gvalid, PHYS_GROUP)
         off = tok % KV_BLOCK
         valid = gvalid & (tok < hi)
-        k_tok = ta.paged_token_offset_from_tok(phys, tok, s_kblk, KV_BLOCK, K_TX, s_kt_hi, s_kt_lo)
+        k_tok = ta.paged_token_offset_from_tok(phys, tok, s_kblk, KV_BLOCK, K_TX, s_kt_hi, s_kt_lo, OFFSET_BITS)
         # No token mask on the K/V loads: paged_block_lookup clamps every block id into the pool, so
         # each address is in bounds, and invalid tokens (past the context, padding ids) leave the
         # scores through `keep` and P @ V through the V zeroing below. Dropping the masks took the
@@ -236,7 +244,7 @@ def _paged_attn_kernel(
         l_prev = l_i
         m_i, alpha, p, l_i = ta.online_softmax_step(m_i, l_i, s)
 
-        v_tok = ta.paged_token_offset_from_tok(phys, tok, s_vblk, KV_BLOCK, V_TX, s_vt_hi, s_vt_lo)
+        v_tok = ta.paged_token_offset_from_tok(phys, tok, s_vblk, KV_BLOCK, V_TX, s_vt_hi, s_vt_lo, OFFSET_BITS)
         if BLOCK_DV == HEAD_DV:
             vx = tl.load(v_base + v_tok[:, None] + v_col_off[None, :])
         else:

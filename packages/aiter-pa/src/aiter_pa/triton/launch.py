@@ -243,6 +243,6 @@ def prepare_launch(
         PHYS_GROUP=phys_group, HAS_MASK=custom_mask is not None, MASK_PREFIX=bool(mask_prefix),
         CAUSAL=(new_k is None and max_qlen > 1), HAS_ALIBI=alibi_slopes is not None,
         USE_SOFTCAP=bool(softcap), USE_WINDOW=bool(sliding_window and sliding_window > 0), SPLIT=split,
-        KV_FP16=kv_fp16,
+        KV_FP16=kv_fp16, OFFSET_BITS=32 if max(map(ta.max_element_offset, (key_cache, value_cache))) < 2**31 else 64,
     )
     return Launch(grid, args, constexprs, cfg.num_warps, cfg.num_stages, (po, pmax, psum) if split else None)

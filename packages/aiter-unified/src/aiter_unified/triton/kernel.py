@@ -56,8 +56,8 @@ def _attend_tile(acc, m_i, l_i, q, t, offs_n, offs_d, d_ok, bt_row, num_logical_
     every row sees entirely (all keys valid, causal and window satisfied)."""
     tok = t * TILE_N + offs_n
     phys, off, valid = ta.paged_block_lookup(bt_row, tok, KV_BLOCK, num_logical_blocks, num_phys_blocks, tok < kv_end)
-    k_tok = ta.paged_token_offset_from_tok(phys, tok, s_kblk, KV_BLOCK, KV_BLOCK, 0, s_ktok)
-    v_tok = ta.paged_token_offset_from_tok(phys, tok, s_vblk, KV_BLOCK, KV_BLOCK, 0, s_vtok)
+    k_tok = ta.paged_token_offset_from_tok(phys, tok, s_kblk, KV_BLOCK, KV_BLOCK, 0, s_ktok, 64)
+    v_tok = ta.paged_token_offset_from_tok(phys, tok, s_vblk, KV_BLOCK, KV_BLOCK, 0, s_vtok, 64)
     if MASKED:
         k = tl.load(k_base + k_tok[None, :] + offs_d[:, None] * s_kd, mask=valid[None, :] & d_ok[:, None])
     elif BLOCK_D != HEAD_D:  # invalid block ids still address block 0 (in bounds), see paged_block_lookup
