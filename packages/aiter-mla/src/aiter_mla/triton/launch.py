@@ -79,7 +79,14 @@ def decode_config(num_heads: int, max_seqlen_q: int, kv_dtype: torch.dtype, d_no
         rows = block_h * block_q
         kv_bytes = 1 if kv_dtype in FP8_DTYPES else kv_dtype.itemsize
         wide = d_nope > 256
-        if rows <= 32:
+        if rows <= 32 and kv_bytes == 1 and wide:
+            # memory-bound fp8 at d 512 + 64: the tile is upcast to bf16 in registers. The former
+            # BLOCK_N 64 / 4 warps / 3 stages compiled to 255 registers plus a 1664-byte spill
+            # stack (822 STL, 10184 SASS instructions), which is why fp8 ran slower than bf16;
+            # BLOCK_N 32 over 8 warps, 2 stages: 169 registers, no spills, 3248 instructions
+            # (static sm_90 counts; the H100 time is not measured yet: `--sweep` on the fp8 shape)
+            cfg = TileConfig(block_h, block_q, 32, 8, 2, 1)
+        elif rows <= 32:
             # memory-bound (mma.sync path): KV tiles prefetched by cp.async, two CTAs per SM
             block_n = 64 if (kv_bytes == 1 or not wide) else 32
             # H100 sweep (b128 h16 ctx4k bf16 page64): 2 stages reached 2.18 TB/s where 3 stages
