@@ -56,7 +56,8 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[f"{i}-{c[5]}-{c[11]}" for i, c in enumerate(CONFIGS)])
-def test_config_compiles_and_fits_sm90(cfg):
+@pytest.mark.parametrize("offset_bits", [32, 64])
+def test_config_compiles_and_fits_sm90(cfg, offset_bits):
     qdt, kvdt, odt, hq, hk, d, bs, mq, mk, wl, feats, kind = cfg
     feats = set(feats.replace("all", "alibi,qq,sinks,softcap").split(",")) - {""}
     num_seqs, tokens = 8, max(8 * mq // 2, 8)
@@ -82,6 +83,8 @@ def test_config_compiles_and_fits_sm90(cfg):
         q_descale=scalar if "qkv" in feats else None, k_descale=scalar if feats & {"kv", "qkv"} else None,
         v_descale=scalar if feats & {"kv", "qkv"} else None, output_scale=scalar if "oscale" in feats else None,
         p=p, **(segs or {}))
+    assert consts["OFFSET_BITS"] == 32  # these caches are small
+    consts["OFFSET_BITS"] = offset_bits  # what a cache past 2**31 elements gets
     kernel = compile_sm90(unified_attn_kernel, args, consts, p.num_warps, p.num_stages)
     print(f"{cfg}: BLOCK_M {p.block_m} TILE_N {p.tile_n} segs {p.num_segments} "
           f"warps {p.num_warps} stages {p.num_stages}: {kernel.metadata.shared} bytes shared")

@@ -136,3 +136,37 @@ def test_all_decode_batch_one_block_per_sequence(force):
     out = _run_triton(b, force=force, scale=0.2, window=(-1, -1), softcap=0.0, extras=extras, num_segments=4)
     ref = unified_attention_ref(b.q, b.k, b.v, b.cu_seqlens_q, b.seqused_k, b.block_table, 0.2, **extras)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=2e-3)
+
+
+def test_64_bit_offsets_give_the_same_result():
+    """Caches of 2**31 elements or more get int64 address arithmetic (OFFSET_BITS=64), smaller ones
+    int32: both on the same small batch, 2D and 3D, against the reference."""
+    from aiter_unified.triton.kernel import unified_attn_kernel
+    from aiter_unified.triton.launch import _segment_buffers, kernel_args, plan
+
+    b = make_batch([(1, 37), (9, 30), (5, 5)], heads_q=4, heads_kv=2, head_dim=32, block_size=16, dtype=F16,
+                   device=DEV, seed=21)
+    scale = 32 ** -0.5
+    ref = unified_attention_ref(b.q, b.k, b.v, b.cu_seqlens_q, b.seqused_k, b.block_table, scale)
+    common = dict(softmax_scale=scale, softcap=0.0, sliding_window=0, sinks=None, alibi_slopes=None, qq_bias=None,
+                  q_descale=None, k_descale=None, v_descale=None, output_scale=None)
+    for force in ("2d", "3d"):
+        p = plan(num_tokens=b.q.shape[0], num_seqs=3, heads_q=4, heads_kv=2, head_dim=32, max_seqlen_q=b.max_seqlen_q,
+                 max_seqlen_k=b.max_seqlen_k, sliding_window=0, device=b.q.device, force=force, num_segments=2,
+                 tile_n=16)
+        for bits in (32, 64):
+            out = torch.full(b.q.shape, float("nan"), dtype=b.q.dtype, device=DEV)
+            segs = {} if p.use_2d else dict(zip(("segm_out", "segm_max", "segm_sum"),
+                                                _segment_buffers(b.q, p.num_segments, p.block_d)))
+            args, consts = kernel_args(b.q, b.k, b.v, out, b.cu_seqlens_q, b.seqused_k, b.block_table, p=p,
+                                       **common, **segs)
+            assert consts["OFFSET_BITS"] == 32
+            consts["OFFSET_BITS"] = bits
+            unified_attn_kernel[(p.query_blocks, 2, p.num_segments)](*args, **consts, num_warps=p.num_warps,
+                                                                     num_stages=p.num_stages)
+            if not p.use_2d:
+                segm_out, segm_max, segm_sum = segs["segm_out"], segs["segm_max"], segs["segm_sum"]
+                merged, _ = splitk_merge_reference(segm_out[..., :32], segm_max, segm_sum)
+                out = merged.to(out.dtype)
+            torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=2e-3,
+                                       msg=lambda m: f"{force} OFFSET_BITS={bits}: {m}")

@@ -20,7 +20,8 @@ running max (natural log) and exp-sum, merged by ``aiter_core.triton_attn.splitk
 
 Scores follow :mod:`aiter_unified.reference`: scale (with q/k descales), soft cap, ALiBi, qq_bias,
 mask; the sink initialises the running max and sum of segment 0. KV tiles are converted to the
-compute dtype (q's dtype; fp16 when q is fp8, exact for e4m3 values) before the dots.
+compute dtype (q's dtype; fp16 when q is fp8, exact for e4m3 values) before the dots. Cache
+addresses are int32 (``OFFSET_BITS`` 32) when every offset of both caches fits, else int64.
 """
 
 from __future__ import annotations
@@ -51,13 +52,13 @@ def _attend_tile(acc, m_i, l_i, q, t, offs_n, offs_d, d_ok, bt_row, num_logical_
                  sliding_window, slope, qq_ptr, s_qq, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
                  TILE_N: tl.constexpr, KV_BLOCK: tl.constexpr, s_kd: tl.constexpr, s_vd: tl.constexpr,
                  CDT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                 HAS_QQ: tl.constexpr, MASKED: tl.constexpr):
+                 HAS_QQ: tl.constexpr, MASKED: tl.constexpr, OFFSET_BITS: tl.constexpr):
     """One tile of TILE_N keys: scores, online softmax, P @ V. ``MASKED=False`` is only for tiles
     every row sees entirely (all keys valid, causal and window satisfied)."""
     tok = t * TILE_N + offs_n
     phys, off, valid = ta.paged_block_lookup(bt_row, tok, KV_BLOCK, num_logical_blocks, num_phys_blocks, tok < kv_end)
-    k_tok = ta.paged_token_offset_from_tok(phys, tok, s_kblk, KV_BLOCK, KV_BLOCK, 0, s_ktok, 64)
-    v_tok = ta.paged_token_offset_from_tok(phys, tok, s_vblk, KV_BLOCK, KV_BLOCK, 0, s_vtok, 64)
+    k_tok = ta.paged_token_offset_from_tok(phys, tok, s_kblk, KV_BLOCK, KV_BLOCK, 0, s_ktok, OFFSET_BITS)
+    v_tok = ta.paged_token_offset_from_tok(phys, tok, s_vblk, KV_BLOCK, KV_BLOCK, 0, s_vtok, OFFSET_BITS)
     if MASKED:
         k = tl.load(k_base + k_tok[None, :] + offs_d[:, None] * s_kd, mask=valid[None, :] & d_ok[:, None])
     elif BLOCK_D != HEAD_D:  # invalid block ids still address block 0 (in bounds), see paged_block_lookup
@@ -120,6 +121,7 @@ def unified_attn_kernel(
     CDT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_QQ: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_QDESC: tl.constexpr, HAS_KVDESC: tl.constexpr,
     HAS_OSCALE: tl.constexpr, OUT_FP8_MAX: tl.constexpr, NUM_SEGMENTS: tl.constexpr, ONE_TOKEN: tl.constexpr,
+    OFFSET_BITS: tl.constexpr,
 ):
     # query blocks on axis 0: the only axis allowed more than 65535 programs
     qblock = tl.program_id(0)
@@ -191,8 +193,12 @@ def unified_attn_kernel(
         t_hi = num_tiles
 
     bt_row = bt_ptr + seq.to(tl.int64) * s_bt
-    k_base = k_ptr + kvh.to(tl.int64) * s_kh
-    v_base = v_ptr + kvh.to(tl.int64) * s_vh
+    if OFFSET_BITS == 32:  # the launcher checked every cache offset fits: int32 address arithmetic
+        k_base = k_ptr + kvh * s_kh
+        v_base = v_ptr + kvh * s_vh
+    else:
+        k_base = k_ptr + kvh.to(tl.int64) * s_kh
+        v_base = v_ptr + kvh.to(tl.int64) * s_vh
     offs_n = tl.arange(0, TILE_N)
     # Tiles whose every key is visible to every row of the block need no mask: keys at or before
     # the first row's position and, with a window, inside the last row's window. Decode and the
@@ -206,7 +212,7 @@ def unified_attn_kernel(
                 acc, m_i, l_i, q, t, offs_n, offs_d, d_ok, bt_row, num_logical_blocks, num_phys_blocks, kv_end,
                 k_base, v_base, s_kblk, s_ktok, s_vblk, s_vtok, qk_scale, softcap, row_ok, qt, qpos, ctx,
                 sliding_window, slope, qq_ptr, s_qq, HEAD_D, BLOCK_D, TILE_N, KV_BLOCK, s_kd, s_vd, CDT, USE_SOFTCAP,
-                USE_WINDOW, HAS_ALIBI, HAS_QQ, True)
+                USE_WINDOW, HAS_ALIBI, HAS_QQ, True, OFFSET_BITS)
     else:
         mid_lo = t_lo
     mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), t_hi)
@@ -215,13 +221,13 @@ def unified_attn_kernel(
             acc, m_i, l_i, q, t, offs_n, offs_d, d_ok, bt_row, num_logical_blocks, num_phys_blocks, kv_end,
             k_base, v_base, s_kblk, s_ktok, s_vblk, s_vtok, qk_scale, softcap, row_ok, qt, qpos, ctx,
             sliding_window, slope, qq_ptr, s_qq, HEAD_D, BLOCK_D, TILE_N, KV_BLOCK, s_kd, s_vd, CDT, USE_SOFTCAP,
-            USE_WINDOW, HAS_ALIBI, HAS_QQ, False)
+            USE_WINDOW, HAS_ALIBI, HAS_QQ, False, OFFSET_BITS)
     for t in range(mid_hi, t_hi):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, t, offs_n, offs_d, d_ok, bt_row, num_logical_blocks, num_phys_blocks, kv_end,
             k_base, v_base, s_kblk, s_ktok, s_vblk, s_vtok, qk_scale, softcap, row_ok, qt, qpos, ctx,
             sliding_window, slope, qq_ptr, s_qq, HEAD_D, BLOCK_D, TILE_N, KV_BLOCK, s_kd, s_vd, CDT, USE_SOFTCAP,
-            USE_WINDOW, HAS_ALIBI, HAS_QQ, True)
+            USE_WINDOW, HAS_ALIBI, HAS_QQ, True, OFFSET_BITS)
 
     o, lse = ta.online_softmax_finalize(acc, m_i, l_i)
     if HAS_KVDESC:

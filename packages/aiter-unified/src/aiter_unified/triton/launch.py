@@ -167,6 +167,7 @@ def kernel_args(q, k, v, out, cu_seqlens_q, seqused_k, block_table, *, softmax_s
         HAS_ALIBI=alibi_slopes is not None, HAS_QQ=qq_bias is not None, HAS_SINKS=sinks is not None,
         HAS_QDESC=q_descale is not None, HAS_KVDESC=use_kv_desc, HAS_OSCALE=output_scale is not None,
         OUT_FP8_MAX=out_fp8_max, NUM_SEGMENTS=p.num_segments, ONE_TOKEN=p.one_token,
+        OFFSET_BITS=32 if max(ta.max_element_offset(k), ta.max_element_offset(v)) < 2**31 else 64,
     )
     return args, consts
 
