@@ -32,6 +32,9 @@ FP32_NAMES = {"L", "PO", "PL", "q_scale", "kv_scale", "v_scale", "k_scale", "las
 def _compile(kernel, constexprs, num_warps, num_stages, types):
     """``types``: element type per pointer argument name (default bf16)."""
     signature, attrs = {}, {}
+    params = {p.name: p for p in kernel.params}
+    missing = [n for n, p in params.items() if p.is_constexpr and n not in constexprs]
+    assert not missing, f"{kernel.__name__}: constexprs not given: {missing}"
     for idx, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
@@ -55,12 +58,14 @@ def _compile(kernel, constexprs, num_warps, num_stages, types):
 
 
 def _decode_constexprs(cfg, *, causal=True, compute=0, table_mode=0, page=64, kv_scale=False,
-                       separate_v=False, d_nope=512, d_rope=64, d_v=512):
+                       separate_v=False, d_nope=512, d_rope=64, d_v=512, offset_bits=32):
+    # every constexpr spelled out, defaulted ones included: _compile would type a missing one as a
+    # runtime pointer and compile both sides of its branches
     return dict(D_NOPE=d_nope, D_ROPE=d_rope, D_V=d_v, BLOCK_DN=d_nope, BLOCK_DR=d_rope, BLOCK_DV=d_v,
                 SEPARATE_V=separate_v, BLOCK_H=cfg.BLOCK_H, BLOCK_Q=cfg.BLOCK_Q, BLOCK_N=cfg.BLOCK_N,
                 PAGE_SIZE=page, TABLE_MODE=table_mode, CAUSAL=causal,
                 COMPUTE=compute, WRITE_LSE=True, HAS_Q_SCALE=kv_scale, HAS_KV_SCALE=kv_scale, HAS_V_SCALE=False,
-                SOFTCAP=False, LAST_ROPE=False)
+                SOFTCAP=False, LAST_ROPE=False, PREFETCH=bool(cfg.prefetch), OFFSET_BITS=offset_bits)
 
 
 FP8 = torch.float8_e4m3fn
@@ -80,8 +85,8 @@ def test_decode_configs_compile_and_fit(heads, qlen, kv):
                       cfg.num_warps, cfg.num_stages, types)
     assert kernel.metadata.shared <= H100_SMEM_PER_BLOCK, (heads, qlen, kv, kernel.metadata.shared)
     if (heads, qlen) == (16, 1):
-        # the issue's memory-bound shape: no heavy register spilling (the former fp8 config had 822
-        # spill stores; Triton 3.6 spills none here, 3.9 a dozen on the bf16 config)
+        # the issue's memory-bound shape: no heavy register spilling (Triton 3.6: none for bf16,
+        # 1 spill store for fp8; 3.9 spills about a dozen)
         spills = sass_opcode_counts(kernel)["STL"]
         assert spills <= 32, f"{kv}: {spills} spill stores with {cfg}"
 
@@ -102,7 +107,8 @@ def test_single_split_bf16_output_and_fp8_q_compile():
     cfg = decode_config(16, 1, FP8)
     types = {"Q": "*fp8e4nv", "KV": "*fp8e4nv", "V": "*fp8e4nv", "O": "*bf16"}
     kernel = _compile(attention.mla_attn_kernel,
-                      _decode_constexprs(cfg, compute=1, kv_scale=True), cfg.num_warps, cfg.num_stages, types)
+                      _decode_constexprs(cfg, compute=1, kv_scale=True, offset_bits=64), cfg.num_warps,
+                      cfg.num_stages, types)
     assert kernel.metadata.shared <= H100_SMEM_PER_BLOCK
 
 
@@ -136,13 +142,13 @@ def test_prefill_ps_non_absorbed_compiles():
     assert "wgmma" in kernel.asm["ptx"]
 
 
-@pytest.mark.parametrize("heads,qlen", [(16, 1), (128, 1), (16, 4)])
-def test_persistent_kernel_compiles(heads, qlen):
+@pytest.mark.parametrize("heads,qlen,offset_bits", [(16, 1, 32), (128, 1, 32), (16, 4, 64)])
+def test_persistent_kernel_compiles(heads, qlen, offset_bits):
     cfg = decode_config(heads, qlen, torch.bfloat16)
     block_h, block_q = tiling(heads, qlen)
     constexprs = dict(D_NOPE=512, D_ROPE=64, BLOCK_DN=512, BLOCK_DR=64, BLOCK_H=block_h, BLOCK_Q=block_q,
                       BLOCK_N=cfg.BLOCK_N, PAGE_SIZE=64, MAX_Q=qlen, CAUSAL=True, COMPUTE=0, WRITE_LSE=True,
-                      HAS_Q_SCALE=False, HAS_KV_SCALE=False)
+                      HAS_Q_SCALE=False, HAS_KV_SCALE=False, OFFSET_BITS=offset_bits)
     kernel = _compile(attention.mla_attn_persistent_kernel, constexprs, cfg.num_warps, cfg.num_stages, {})
     assert kernel.metadata.shared <= H100_SMEM_PER_BLOCK
 

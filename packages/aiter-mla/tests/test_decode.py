@@ -217,3 +217,30 @@ def test_bad_page_ids_and_short_kv_indices_are_skipped_not_read():
                                     kv_lora_rank=LORA, page_size=page, sm_scale=0.3)
     assert_close("o", o, ref_o, TOL[DTYPE], 1e-3)
     assert_close("lse", lse, ref_lse, TOL[DTYPE], 1e-4)
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_both_address_widths_match_reference(monkeypatch, bits):
+    """Caches with every offset under 2**31 get int32 address arithmetic, larger ones int64: both
+    forced on the same small cases (split decode, single pass, the persistent form)."""
+    from aiter_mla.triton import launch
+
+    seen = []
+
+    def forced(*caches):
+        seen.append(launch.max_element_offset(caches[0]) < 2**31)
+        return bits
+
+    monkeypatch.setattr(launch, "offset_bits", forced)
+    test_decode_matches_reference(8, 1, 16, 2)
+    test_decode_matches_reference(5, 4, 16, 1)
+    test_persistent_decode_matches_reference(20, 2, 1)
+    assert len(seen) >= 3 and all(seen)
+
+
+def test_offset_bits_from_cache_extent():
+    from aiter_mla.triton.launch import offset_bits
+
+    small = torch.empty(64, 64, 1, 576, device="meta")
+    big = torch.empty(4096, 64, 1, 8192 + 1, device="meta")  # 2**31 + 2**18 elements
+    assert offset_bits(small) == 32 and offset_bits(small, big) == 64

@@ -51,10 +51,15 @@ def _upcast(x, COMPUTE: tl.constexpr):
 
 @triton.jit
 def _kv_tile(KV, stride_kv_page, stride_kv_tok, table, num_pages_seq, num_pages_total, offs_n, kv_hi,
-             offs_dn, offs_dr, dn_ok, dr_ok, D_NOPE: tl.constexpr, PAGE_SIZE: tl.constexpr):
-    """Load the K rows of tokens ``offs_n`` (< kv_hi): (nope tile, rope tile, page, offset, valid)."""
+             offs_dn, offs_dr, dn_ok, dr_ok, D_NOPE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+             OFFSET_BITS: tl.constexpr):
+    """Load the K rows of tokens ``offs_n`` (< kv_hi): (nope tile, rope tile, page, offset, valid).
+    ``OFFSET_BITS`` 32: int32 address arithmetic (the launcher checked every offset fits)."""
     page, in_page, n_ok = paged_block_lookup(table, offs_n, PAGE_SIZE, num_pages_seq, num_pages_total, offs_n < kv_hi)
-    in_page = in_page.to(tl.int64)
+    if OFFSET_BITS == 32:
+        page = page.to(tl.int32)
+    else:
+        in_page = in_page.to(tl.int64)
     k_off = page * stride_kv_page + in_page * stride_kv_tok
     k_nope = tl.load(KV + k_off[:, None] + offs_dn[None, :], mask=n_ok[:, None] & dn_ok[None, :], other=0.0)
     k_rope = tl.load(KV + k_off[:, None] + D_NOPE + offs_dr[None, :], mask=n_ok[:, None] & dr_ok[None, :], other=0.0)
@@ -108,6 +113,7 @@ def _mla_tile(
     SEPARATE_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, COMPUTE: tl.constexpr, WRITE_LSE: tl.constexpr,
     SOFTCAP: tl.constexpr = False, LAST_ROPE: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    OFFSET_BITS: tl.constexpr = 64,
 ):
     """Attend rows (token, head) of one sequence to keys ``[kv_lo, kv_hi)``; write ``O``/``L``."""
     BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_Q
@@ -148,12 +154,12 @@ def _mla_tile(
         # single shared buffer for a tile read by both dots on the mma.sync path)
         nx_nope, nx_rope, nx_page, nx_in_page, nx_ok = _kv_tile(
             KV, stride_kv_page, stride_kv_tok, table, num_pages_seq, num_pages_total, kv_lo + offs_n0, kv_hi,
-            offs_dn, offs_dr, dn_ok, dr_ok, D_NOPE, PAGE_SIZE)
+            offs_dn, offs_dr, dn_ok, dr_ok, D_NOPE, PAGE_SIZE, OFFSET_BITS)
         for start in range(kv_lo, kv_hi, BLOCK_N):
             k_nope, k_rope, page, in_page, n_ok = nx_nope, nx_rope, nx_page, nx_in_page, nx_ok
             nx_nope, nx_rope, nx_page, nx_in_page, nx_ok = _kv_tile(
                 KV, stride_kv_page, stride_kv_tok, table, num_pages_seq, num_pages_total, start + BLOCK_N + offs_n0,
-                kv_hi, offs_dn, offs_dr, dn_ok, dr_ok, D_NOPE, PAGE_SIZE)
+                kv_hi, offs_dn, offs_dr, dn_ok, dr_ok, D_NOPE, PAGE_SIZE, OFFSET_BITS)
             m_i, l_i, acc = _attend_step(
                 q_nope, q_rope, k_nope, k_rope, page, in_page, n_ok, start + offs_n0, diag, m_i, l_i, acc,
                 V, stride_v_page, stride_v_tok, offs_dv, dv_ok, kv_len, qk_scale_log2, softcap, last_pe,
@@ -162,7 +168,7 @@ def _mla_tile(
         for start in range(kv_lo, kv_hi, BLOCK_N):
             k_nope, k_rope, page, in_page, n_ok = _kv_tile(
                 KV, stride_kv_page, stride_kv_tok, table, num_pages_seq, num_pages_total, start + offs_n0, kv_hi,
-                offs_dn, offs_dr, dn_ok, dr_ok, D_NOPE, PAGE_SIZE)
+                offs_dn, offs_dr, dn_ok, dr_ok, D_NOPE, PAGE_SIZE, OFFSET_BITS)
             m_i, l_i, acc = _attend_step(
                 q_nope, q_rope, k_nope, k_rope, page, in_page, n_ok, start + offs_n0, diag, m_i, l_i, acc,
                 V, stride_v_page, stride_v_tok, offs_dv, dv_ok, kv_len, qk_scale_log2, softcap, last_pe,
@@ -219,6 +225,7 @@ def mla_attn_kernel(
     CAUSAL: tl.constexpr, COMPUTE: tl.constexpr, WRITE_LSE: tl.constexpr,
     HAS_Q_SCALE: tl.constexpr, HAS_KV_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr,
     SOFTCAP: tl.constexpr, LAST_ROPE: tl.constexpr, PREFETCH: tl.constexpr = False,
+    OFFSET_BITS: tl.constexpr = 64,
 ):
     """Grid form. ``O``/``L`` are the final output (one split) or the split partials
     ``[T, num_splits, H, D_V]`` / ``[T, num_splits, H]`` (``stride_os``/``stride_ls`` per split).
@@ -271,7 +278,7 @@ def mla_attn_kernel(
         lo, hi, kv_len,
         scale, o_scale, softcap, last_rope + b.to(tl.int64) * stride_last,
         D_NOPE, D_ROPE, D_V, BLOCK_DN, BLOCK_DR, BLOCK_DV, SEPARATE_V, BLOCK_H, BLOCK_Q, BLOCK_N,
-        PAGE_SIZE, CAUSAL, COMPUTE, WRITE_LSE, SOFTCAP, LAST_ROPE, PREFETCH,
+        PAGE_SIZE, CAUSAL, COMPUTE, WRITE_LSE, SOFTCAP, LAST_ROPE, PREFETCH, OFFSET_BITS,
     )
 
 
@@ -292,6 +299,7 @@ def mla_attn_persistent_kernel(
     BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, MAX_Q: tl.constexpr, CAUSAL: tl.constexpr, COMPUTE: tl.constexpr,
     WRITE_LSE: tl.constexpr, HAS_Q_SCALE: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
+    OFFSET_BITS: tl.constexpr = 64,
 ):
     """Persistent form: worker ``program_id(0)`` runs its slice of ``work_info [*, 8]``:
     ``(batch, partial slot or -1, q_start, q_end, kv_page_start, kv_page_end, kv_len,
@@ -335,13 +343,13 @@ def mla_attn_persistent_kernel(
                       kv_indices + seq_p0, tl.minimum(tl.cdiv(kv_len, PAGE_SIZE), table_size - seq_p0), num_kv_pages, O, stride_ot, stride_oh, q_lo, L, stride_lt, stride_lh,
                       q_lo, n_q, q_pos0, qlen, head_lo, head_hi, lo, hi, kv_len, scale, o_scale, 0.0, q_scale,
                       D_NOPE, D_ROPE, D_NOPE, BLOCK_DN, BLOCK_DR, BLOCK_DN, False, BLOCK_H, BLOCK_Q, BLOCK_N,
-                      PAGE_SIZE, CAUSAL, COMPUTE, WRITE_LSE)
+                      PAGE_SIZE, CAUSAL, COMPUTE, WRITE_LSE, False, False, False, OFFSET_BITS)
         else:
             _mla_tile(Q, stride_qt, stride_qh, KV, stride_kv_page, stride_kv_tok, KV, stride_kv_page, stride_kv_tok,
                       kv_indices + seq_p0, tl.minimum(tl.cdiv(kv_len, PAGE_SIZE), table_size - seq_p0), num_kv_pages, PO, stride_pot, stride_poh, slot * MAX_Q, PL, stride_plt, stride_plh,
                       q_lo, n_q, q_pos0, qlen, head_lo, head_hi, lo, hi, kv_len, scale, o_scale, 0.0, q_scale,
                       D_NOPE, D_ROPE, D_NOPE, BLOCK_DN, BLOCK_DR, BLOCK_DN, False, BLOCK_H, BLOCK_Q, BLOCK_N,
-                      PAGE_SIZE, CAUSAL, COMPUTE, True)
+                      PAGE_SIZE, CAUSAL, COMPUTE, True, False, False, False, OFFSET_BITS)
 
 
 @triton.jit

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import triton
 
-from aiter_core.triton_attn import splitk_merge
+from aiter_core.triton_attn import max_element_offset, splitk_merge
 
 from .attention import mla_attn_kernel, mla_attn_persistent_kernel, mla_reduce_kernel
 
@@ -79,14 +79,7 @@ def decode_config(num_heads: int, max_seqlen_q: int, kv_dtype: torch.dtype, d_no
         rows = block_h * block_q
         kv_bytes = 1 if kv_dtype in FP8_DTYPES else kv_dtype.itemsize
         wide = d_nope > 256
-        if rows <= 32 and kv_bytes == 1 and wide:
-            # memory-bound fp8 at d 512 + 64: the tile is upcast to bf16 in registers. The former
-            # BLOCK_N 64 / 4 warps / 3 stages compiled to 255 registers plus a 1664-byte spill
-            # stack (822 STL, 10184 SASS instructions), which is why fp8 ran slower than bf16;
-            # BLOCK_N 32 over 8 warps, 2 stages: 169 registers, no spills, 3248 instructions
-            # (static sm_90 counts; the H100 time is not measured yet: `--sweep` on the fp8 shape)
-            cfg = TileConfig(block_h, block_q, 32, 8, 2, 1)
-        elif rows <= 32:
+        if rows <= 32:
             # memory-bound (mma.sync path): KV tiles prefetched by cp.async, two CTAs per SM
             block_n = 64 if (kv_bytes == 1 or not wide) else 32
             # H100 sweep (b128 h16 ctx4k bf16 page64): 2 stages reached 2.18 TB/s where 3 stages
@@ -185,6 +178,12 @@ def _kv_strides(buf: Tensor) -> tuple[int, int, int]:
     return buf.stride(0), 0, buf.stride(1)
 
 
+def offset_bits(*caches: Tensor) -> int:
+    """32 when every element of the caches is within 2**31 of its data pointer (int32 address
+    arithmetic in the kernels: a sixth fewer instructions in the memory-bound decode), else 64."""
+    return 32 if max(max_element_offset(c) for c in caches) < 2**31 else 64
+
+
 def attention(q: Tensor, kv: Tensor, out: Tensor, *, qo_indptr: Tensor, max_seqlen_q: int, table_mode: int,
               page_size: int, d_nope: int, sm_scale: float, causal: bool,
               kv_indptr: Optional[Tensor] = None, kv_indices: Optional[Tensor] = None,
@@ -257,7 +256,7 @@ def attention(q: Tensor, kv: Tensor, out: Tensor, *, qo_indptr: Tensor, max_seql
         CAUSAL=causal, COMPUTE=compute_code(q.dtype, kv.dtype), WRITE_LSE=split or lse is not None,
         HAS_Q_SCALE=q_scale is not None, HAS_KV_SCALE=kv_scale is not None, HAS_V_SCALE=v_scale is not None,
         SOFTCAP=softcap > 0, LAST_ROPE=last_rope is not None, PREFETCH=bool(config.prefetch),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        OFFSET_BITS=offset_bits(kv, vbuf), num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split and merge_partials:
         merge(partial_o, partial_lse, out, lse)
@@ -305,7 +304,7 @@ def persistent_attention(q: Tensor, kv: Tensor, out: Tensor, *, qo_indptr: Tenso
         BLOCK_DR=max(16, next_pow2(dim - d_nope)),
         BLOCK_H=config.BLOCK_H, BLOCK_Q=config.BLOCK_Q, BLOCK_N=config.BLOCK_N, PAGE_SIZE=page_size,
         MAX_Q=max_seqlen_q, CAUSAL=causal, COMPUTE=compute_code(q.dtype, kv.dtype), WRITE_LSE=lse is not None,
-        HAS_Q_SCALE=q_scale is not None, HAS_KV_SCALE=kv_scale is not None,
+        HAS_Q_SCALE=q_scale is not None, HAS_KV_SCALE=kv_scale is not None, OFFSET_BITS=offset_bits(kv),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
