@@ -25,7 +25,7 @@ scales are divided by their tile maximum first so ``p * scale`` stays clear of f
 ``HIGH_PREC`` picks how the probabilities meet V (only different for 8-bit fp V):
 0 = P cast to V's fp8 type and an fp8 PV dot (per-token V scales are normalised by the tile max
 first; P is scaled by 256 into fp8's normal range and the softmax sums use the rounded P);
-1 = P and V in the query's 16-bit type; 2 = P and dequantized V in fp32 with an IEEE fp32 dot.
+1 = P and V in that 16-bit type; 2 = P and dequantized V in fp32 with an IEEE fp32 dot.
 
 Addresses: ``OFFSET_BITS`` 32 when every element of both caches is within ``2**31`` of its data
 pointer (the launcher checks the shapes and strides), else 64.
