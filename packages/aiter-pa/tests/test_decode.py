@@ -211,6 +211,24 @@ def test_64_bit_offsets_give_the_same_result(layout, quant, store):
         _check(out, ref, dtype, f"OFFSET_BITS={bits}")
 
 
+def test_relocated_pool_plumbing():
+    """The CPU check of the helper behind the GPU tier's pool-past-2**31 test: blocks moved to the
+    end of a larger pool, tables remapped, same output."""
+    from aiter_pa.testing import relocate_to_pool_end
+
+    dtype = torch.float32 if INTERPRET else torch.float16
+    ctx = [30, 9]
+    kv = make_paged_kv(ctx, 2, 32, 16, "HND", PTEN, dtype, FP8, DEVICE, seed=3)
+    k, v, tables = relocate_to_pool_end(kv, kv.num_blocks + 7)
+    assert k.shape[0] == kv.num_blocks + 7 and int(tables.max()) >= 7 and (tables == -1).sum() == (kv.block_tables == -1).sum()
+    q = _query(2, 4, 32, dtype, 3)
+    out = poison(torch.empty_like(q))
+    aiter_pa.paged_attention_decode(out, q, k, v, kv.context_lens, tables, 0.2, max(ctx), None, kv.k_scale, kv.v_scale)
+    _check(out, paged_attention_ref(q.cpu().float(), kv.k_deq, kv.v_deq, kv.block_tables.cpu(), ctx, 0.2), dtype)
+    with pytest.raises(ValueError, match="per-slot scales"):
+        relocate_to_pool_end(make_paged_kv(ctx, 2, 32, 16, "HND", PT, dtype, FP8, DEVICE), 100)
+
+
 def test_kv_compute_env_is_checked(monkeypatch):
     from aiter_pa.triton.launch import _kv_in_fp16
 

@@ -298,3 +298,26 @@ def test_sglang_decode_attention_fwd(mla, heads, kv_heads, d_k, d_v, page):
     ref_o, ref_lse = decode_paged_ref(q, k_buffer, v_buffer, req_to_token, b_seq_len, page_size=page,
                                       sm_scale=d_k ** -0.5)
     _check(o, lse, ref_o, ref_lse)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_on_a_pool_past_2_31_elements(splits):
+    """A KV pool of more than 2**31 elements (4.3 GB bf16) gets int64 address arithmetic; the
+    sequences' pages sit at its far end, where int32 offsets would wrap."""
+    from dataclasses import replace
+
+    from aiter_core.triton_attn import max_element_offset
+
+    case = make_paged_case(batch=3, heads=16, kv_lens=[700, 64, 5], q_lens=1, page_size=64, kv_lora_rank=LORA,
+                           rope=ROPE, dtype=BF16, seed=4)
+    ref_o, ref_lse = _ref(case)
+    per_page = case.kv[0].numel()
+    shift = (2**31 + per_page - 1) // per_page
+    pool = torch.empty((shift + case.kv.shape[0],) + tuple(case.kv.shape[1:]), dtype=BF16, device="cuda")
+    pool[shift:] = case.kv
+    assert max_element_offset(pool) >= 2**31
+    far = replace(case, kv=pool, kv_indices=case.kv_indices + shift)
+    o, lse = _decode(far, 16, splits=splits)
+    _check(o, lse, ref_o, ref_lse)
+    del pool, far
+    torch.cuda.empty_cache()

@@ -96,3 +96,22 @@ def make_paged_kv(context_lens: list[int], num_kv_heads: int, head_dim: int, blo
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
     return PagedKVCase(kc, vc, layout, quant, to(ksc), to(vsc), k_deq, v_deq, bt.to(device),
                        torch.tensor(context_lens, dtype=torch.int32, device=device), block_size, num_blocks)
+
+
+def relocate_to_pool_end(kv: PagedKVCase, total_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``kv``'s blocks copied to the end of a pool of ``total_blocks`` (the rest left uninitialised)
+    and its block tables remapped, padding (-1) kept: ``(key_cache, value_cache, block_tables)``.
+    A pool past 2**31 elements makes the kernels address with int64 offsets. Methods whose scales
+    are per block slot (per token, int4) are refused: their scales would need moving too."""
+    if kv.quant in (KVQuant.PER_TOKEN_8BIT, KVQuant.PER_TOKEN_4BIT):
+        raise ValueError(f"relocate_to_pool_end: per-slot scales ({kv.quant.name}) are not relocated")
+    if total_blocks < kv.num_blocks:
+        raise ValueError(f"total_blocks must be >= {kv.num_blocks}, got {total_blocks}")
+    shift = total_blocks - kv.num_blocks
+    caches = []
+    for cache in (kv.key_cache, kv.value_cache):
+        pool = torch.empty((total_blocks,) + tuple(cache.shape[1:]), dtype=cache.dtype, device=cache.device)
+        pool[shift:] = cache
+        caches.append(pool)
+    tables = torch.where(kv.block_tables >= 0, kv.block_tables + shift, kv.block_tables)
+    return caches[0], caches[1], tables

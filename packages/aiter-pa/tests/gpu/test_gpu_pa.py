@@ -428,3 +428,27 @@ def test_extend_attention_custom_mask_gpu():
                                     torch.ones(prefix + extend, dtype=torch.bool, device=DEV), d ** -0.5,
                                     causal=False, extra_mask=flags[s], dtype=torch.float32)
         _close(o[a:b], ref, torch.float16, f"seq {s}")
+
+
+@pytest.mark.parametrize("layout,quant,store", [("HND", PTEN, FP8), ("NHD", N, None)])
+def test_decode_on_a_pool_past_2_31_elements(layout, quant, store):
+    """A cache pool of more than 2**31 elements (2.1 GB fp8 / 4.3 GB fp16 per cache) gets int64
+    address arithmetic; the sequences' blocks sit at its far end, so int32 offsets would wrap."""
+    from aiter_core.triton_attn import max_element_offset
+    from aiter_pa.testing import relocate_to_pool_end
+
+    ctx, hkv, d, bs = [200, 33], 8, 128, 16
+    dtype = torch.float16
+    kv = make_paged_kv(ctx, hkv, d, bs, layout, quant, dtype, store, DEV, seed=9)
+    per_block = kv.key_cache[0].numel()
+    total = (2**31 + per_block - 1) // per_block + kv.num_blocks
+    k, v, tables = relocate_to_pool_end(kv, total)
+    assert max_element_offset(k) >= 2**31 and int(tables.max()) * per_block >= 2**31
+    q = _q(2, 32, d, dtype, seed=9)
+    for parts in (1, 4):
+        out = poison(torch.empty(2, 32, d, dtype=dtype, device=DEV))
+        aiter_pa.paged_attention_decode(out, q, k, v, kv.context_lens, tables, d ** -0.5, max(ctx), None, kv.k_scale,
+                                        kv.v_scale, parts, kv_cache_layout=layout)
+        _close(out, _ref(q, kv, ctx, d ** -0.5), dtype, f"partitions={parts}")
+    del k, v
+    torch.cuda.empty_cache()

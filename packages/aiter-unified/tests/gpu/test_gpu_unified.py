@@ -201,3 +201,30 @@ def test_skip_reduce_on_gpu_and_torch_op():
     ref = _ref(b)
     torch.testing.assert_close(merged.to(BF16).float(), ref.float(), atol=1.5e-2, rtol=1e-2)
     assert torch.isnan(out).all()
+
+
+@pytest.mark.parametrize("force", ["2d", "3d"])
+def test_pool_past_2_31_elements(force):
+    """A KV pool of more than 2**31 elements (4.3 GB per fp16 cache) gets int64 address arithmetic;
+    the sequences' blocks sit at its far end, where int32 offsets would wrap."""
+    from aiter_core.triton_attn import max_element_offset
+    from aiter_unified.triton.launch import unified_attention_triton
+
+    b = make_batch([(1, 900), (37, 300), (5, 5)], heads_q=32, heads_kv=8, head_dim=128, block_size=16, dtype=F16,
+                   device=DEV, seed=5)
+    ref = _ref(b)
+    per_block = b.k[0].numel()
+    shift = (2**31 + per_block - 1) // per_block
+    pools = []
+    for cache in (b.k, b.v):
+        pool = torch.empty((shift + cache.shape[0],) + tuple(cache.shape[1:]), dtype=cache.dtype, device=DEV)
+        pool[shift:] = cache
+        pools.append(pool)
+    table = torch.where(b.block_table >= 0, b.block_table + shift, b.block_table)
+    assert max_element_offset(pools[0]) >= 2**31
+    out = torch.full(b.q.shape, float("nan"), dtype=F16, device=DEV)
+    unified_attention_triton(b.q, pools[0], pools[1], out, b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k,
+                             b.max_seqlen_k, 128 ** -0.5, (-1, -1), table, 0.0, None, None, None, force=force)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=1e-2)
+    del pools
+    torch.cuda.empty_cache()
