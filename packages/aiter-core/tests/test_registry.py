@@ -192,3 +192,15 @@ def test_dtype_reasons():
     assert "interpreter" in registry.triton_dtype_reasons("cpu", [torch.bfloat16, None])[0]
     assert registry.triton_dtype_reasons("cpu", [torch.float16, torch.float8_e4m3fn]) == []
     assert registry.always_available() is None
+
+
+def test_reference_specs_helper():
+    from aiter_core.registry import always_available, reference_specs
+
+    out = reference_specs(("op_a", "op_b"), "pkg.backends", priority=3)
+    assert [(s.op, s.backend, s.impl, s.priority, s.cuda_graph) for s in out] == [
+        ("op_a", "reference", "pkg.backends:reference_op_a", 3, False),
+        ("op_b", "reference", "pkg.backends:reference_op_b", 3, False)]
+    assert all(s.available is always_available and s.supports is None for s in out)
+    picky = reference_specs(("op_a",), "pkg.backends", supports=lambda p: ["no"])
+    assert picky[0].supports(None) == ["no"]

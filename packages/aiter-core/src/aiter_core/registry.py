@@ -355,6 +355,16 @@ def specs_for(ops_: Iterable[str], **fields) -> list[BackendSpec]:
     return out
 
 
+def reference_specs(ops_: Iterable[str], module: str, *, priority: int = 0,
+                    supports: Callable[[Any], Sequence[str]] | None = None) -> list[BackendSpec]:
+    """The ``reference`` backend of each op: ``{module}:reference_{op}``, available everywhere,
+    never under CUDA-graph capture (a PyTorch reference syncs with the host). ``supports=None``
+    accepts every problem."""
+    return specs_for(ops_, backend="reference", impl=module + ":reference_{op}", priority=priority,
+                     available=always_available, supports=supports, cuda_graph=False,
+                     description="PyTorch reference (any device; syncs with the host, not for CUDA graphs)")
+
+
 # -- availability checks shared by the families' specs ----------------------------------------
 
 
@@ -436,6 +446,7 @@ __all__ = [
     "select",
     "specs",
     "specs_for",
+    "reference_specs",
     "triton_available",
     "triton_device_reasons",
     "triton_dtype_reasons",

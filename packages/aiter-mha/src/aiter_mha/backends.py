@@ -18,7 +18,8 @@ from __future__ import annotations
 from aiter_core.registry import (
     BackendSpec,
     Family,
-    always_available,
+    reference_specs,
+    specs_for,
     triton_available,
     triton_device_reasons,
     triton_dtype_reasons,
@@ -29,7 +30,7 @@ TRITON_PRIORITY = 100
 REFERENCE_PRIORITY = 0
 MAX_HEAD_DIM = 256
 
-__all__ = ["OPS", "backend_specs", "family", "triton_supports", "reference_supports"]
+__all__ = ["OPS", "backend_specs", "family", "triton_supports"]
 
 
 # -- support checks -----------------------------------------------------------------------------
@@ -61,30 +62,12 @@ def triton_supports(problem) -> list[str]:
     return reasons
 
 
-def reference_supports(problem) -> list[str]:
-    """The reference runs everything the API accepts, on any device."""
-    return []
-
-
 def backend_specs() -> list[BackendSpec]:
     """Entry point ``aiter.backends`` -> ``mha``: every backend of every MHA op."""
-    specs = []
-    for op in OPS:
-        specs.append(
-            BackendSpec(
-                op=op, backend="triton", impl=f"aiter_mha.backends:triton_{op}", priority=TRITON_PRIORITY,
-                available=triton_available, supports=triton_supports, cuda_graph=True,
-                description="Triton flash attention (CUDA/ROCm; CPU under TRITON_INTERPRET=1)",
-            )
-        )
-        specs.append(
-            BackendSpec(
-                op=op, backend="reference", impl=f"aiter_mha.backends:reference_{op}", priority=REFERENCE_PRIORITY,
-                available=always_available, supports=reference_supports, cuda_graph=False,
-                description="PyTorch reference (any device; syncs with the host, not for CUDA graphs)",
-            )
-        )
-    return specs
+    triton = specs_for(OPS, backend="triton", impl="aiter_mha.backends:triton_{op}", priority=TRITON_PRIORITY,
+                       available=triton_available, supports=triton_supports, cuda_graph=True,
+                       description="Triton flash attention (CUDA/ROCm; CPU under TRITON_INTERPRET=1)")
+    return triton + reference_specs(OPS, "aiter_mha.backends", priority=REFERENCE_PRIORITY)
 
 
 family = Family(name="mha", distribution="aiter-mha", smoke="aiter_mha.smoke:run", bench="aiter_mha.bench:main", ops=OPS)

@@ -17,7 +17,8 @@ from __future__ import annotations
 from aiter_core.registry import (
     BackendSpec,
     Family,
-    always_available,
+    reference_specs,
+    specs_for,
     triton_available,
     triton_device_reasons,
     triton_dtype_reasons,
@@ -38,7 +39,7 @@ OPS = ATTENTION_OPS + CACHE_OPS
 TRITON_PRIORITY = 100
 REFERENCE_PRIORITY = 0
 
-__all__ = ["OPS", "backend_specs", "family", "triton_supports", "reference_supports"]
+__all__ = ["OPS", "backend_specs", "family", "triton_supports"]
 
 
 def triton_supports(problem) -> list[str]:
@@ -49,26 +50,12 @@ def triton_supports(problem) -> list[str]:
     return reasons
 
 
-def reference_supports(problem) -> list[str]:
-    """The reference runs everything the API accepts, on any device."""
-    return []
-
-
 def backend_specs() -> list[BackendSpec]:
     """Entry point ``aiter.backends`` -> ``mla``: every backend of every MLA op."""
-    specs = []
-    for op in OPS:
-        specs.append(BackendSpec(
-            op=op, backend="triton", impl=f"aiter_mla.backends:triton_{op}", priority=TRITON_PRIORITY,
-            available=triton_available, supports=triton_supports, cuda_graph=True,
-            description="Triton MLA kernels (CUDA/ROCm; CPU under TRITON_INTERPRET=1)",
-        ))
-        specs.append(BackendSpec(
-            op=op, backend="reference", impl=f"aiter_mla.backends:reference_{op}", priority=REFERENCE_PRIORITY,
-            available=always_available, supports=reference_supports, cuda_graph=False,
-            description="PyTorch reference (any device; syncs with the host, not for CUDA graphs)",
-        ))
-    return specs
+    triton = specs_for(OPS, backend="triton", impl="aiter_mla.backends:triton_{op}", priority=TRITON_PRIORITY,
+                       available=triton_available, supports=triton_supports, cuda_graph=True,
+                       description="Triton MLA kernels (CUDA/ROCm; CPU under TRITON_INTERPRET=1)")
+    return triton + reference_specs(OPS, "aiter_mla.backends", priority=REFERENCE_PRIORITY)
 
 
 family = Family(name="mla", distribution="aiter-mla", smoke="aiter_mla.smoke:run", bench="aiter_mla.bench:main", ops=OPS)

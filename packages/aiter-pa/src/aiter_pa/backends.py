@@ -17,7 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from aiter_core.registry import BackendSpec, Family, triton_available, triton_device_reasons
+from aiter_core.registry import (
+    BackendSpec,
+    Family,
+    reference_specs,
+    specs_for,
+    triton_available,
+    triton_device_reasons,
+    triton_dtype_reasons,
+)
 
 OPS = ("paged_attention", "kv_cache_write", "copy_blocks")
 TRITON_PRIORITY = 100
@@ -27,32 +35,19 @@ __all__ = ["OPS", "backend_specs", "family", "triton_supports", "CacheWrite"]
 
 
 def triton_supports(problem) -> list[str]:
-    import torch
-
-    reasons = list(triton_device_reasons(problem.device))
-    if problem.device_type == "cpu" and getattr(problem, "dtype", None) == torch.bfloat16:
-        reasons.append("bf16 arithmetic is not supported by the Triton interpreter")
+    reasons = triton_device_reasons(problem.device)
+    reasons += triton_dtype_reasons(problem.device, (getattr(problem, "dtype", None),))
     if getattr(problem, "high_precision", 1) == 0 and problem.device_type == "cpu" and getattr(
             problem, "kv_dtype", None) is not None and problem.kv_dtype.is_floating_point and problem.kv_dtype.itemsize == 1:
         reasons.append("high_precision=0 (fp8 PV dot) does not run in the Triton interpreter")
     return reasons
 
 
-def _always() -> str | None:
-    return None
-
-
 def backend_specs() -> list[BackendSpec]:
-    specs = []
-    for op in OPS:
-        specs.append(BackendSpec(op=op, backend="triton", impl=f"aiter_pa.backends:triton_{op}",
-                                 priority=TRITON_PRIORITY, available=triton_available, supports=triton_supports,
-                                 cuda_graph=True, description="Triton kernels (CUDA/ROCm; CPU under TRITON_INTERPRET=1)"))
-        specs.append(BackendSpec(op=op, backend="reference", impl=f"aiter_pa.backends:reference_{op}",
-                                 priority=REFERENCE_PRIORITY, available=_always, supports=lambda p: [],
-                                 cuda_graph=False,
-                                 description="PyTorch reference (any device; syncs with the host, not for CUDA graphs)"))
-    return specs
+    triton = specs_for(OPS, backend="triton", impl="aiter_pa.backends:triton_{op}", priority=TRITON_PRIORITY,
+                       available=triton_available, supports=triton_supports, cuda_graph=True,
+                       description="Triton kernels (CUDA/ROCm; CPU under TRITON_INTERPRET=1)")
+    return triton + reference_specs(OPS, "aiter_pa.backends", priority=REFERENCE_PRIORITY)
 
 
 family = Family(name="pa", distribution="aiter-pa", smoke="aiter_pa.smoke:run", bench="aiter_pa.bench:main",

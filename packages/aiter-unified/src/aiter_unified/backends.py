@@ -10,7 +10,15 @@ Importing this module is cheap (no torch, no Triton): the entry points ``aiter.b
 
 from __future__ import annotations
 
-from aiter_core.registry import BackendSpec, Family, triton_available, triton_device_reasons
+from aiter_core.registry import (
+    BackendSpec,
+    Family,
+    reference_specs,
+    specs_for,
+    triton_available,
+    triton_device_reasons,
+    triton_dtype_reasons,
+)
 
 OPS = ("unified_attention", "unified_attention_segments")
 TRITON_PRIORITY = 100
@@ -28,18 +36,8 @@ def make_problem(q, k, *, skip_reduce=False):
 
 def triton_supports(problem) -> list[str]:
     """Why the Triton kernels cannot run ``problem`` (empty list: they can)."""
-    import torch
-
-    reasons = list(triton_device_reasons(problem.device))
-    if problem.device_type == "cpu":
-        if torch.bfloat16 in (problem.dtype, problem.kv_dtype):
-            reasons.append("bf16 arithmetic is not supported by the Triton interpreter")
-    elif problem.device_type == "cuda" and torch.version.hip is None and torch.cuda.is_available():
-        if problem.dtype.itemsize == 1 or problem.kv_dtype.itemsize == 1:
-            cap = torch.cuda.get_device_capability(problem.device)
-            if cap < (8, 9):
-                reasons.append(f"fp8 needs sm_89 or newer, this device is sm_{cap[0]}{cap[1]}")
-    return reasons
+    return triton_device_reasons(problem.device) + triton_dtype_reasons(problem.device,
+                                                                         (problem.dtype, problem.kv_dtype))
 
 
 def reference_supports(problem) -> list[str]:
@@ -48,23 +46,14 @@ def reference_supports(problem) -> list[str]:
     return []
 
 
-def _always_available() -> str | None:
-    return None
-
-
 def backend_specs() -> list[BackendSpec]:
     """Entry point ``aiter.backends`` -> ``unified``."""
-    specs = []
-    for op in OPS:
-        specs.append(BackendSpec(
-            op=op, backend="triton", impl=f"aiter_unified.backends:triton_{op}", priority=TRITON_PRIORITY,
-            available=triton_available, supports=triton_supports, cuda_graph=True,
-            description="Triton 2D/3D unified paged attention (CUDA; CPU under TRITON_INTERPRET=1)"))
-    specs.append(BackendSpec(
-        op="unified_attention", backend="reference", impl="aiter_unified.backends:reference_unified_attention",
-        priority=REFERENCE_PRIORITY, available=_always_available, supports=reference_supports, cuda_graph=False,
-        description="PyTorch reference (any device; syncs with the host, not for CUDA graphs)"))
-    return specs
+    triton = specs_for(OPS, backend="triton", impl="aiter_unified.backends:triton_{op}", priority=TRITON_PRIORITY,
+                       available=triton_available, supports=triton_supports, cuda_graph=True,
+                       description="Triton 2D/3D unified paged attention (CUDA; CPU under TRITON_INTERPRET=1)")
+    # the reference computes unified_attention only: it has no segment buffers
+    return triton + reference_specs(("unified_attention",), "aiter_unified.backends", priority=REFERENCE_PRIORITY,
+                                    supports=reference_supports)
 
 
 family = Family(name="unified", distribution="aiter-unified", smoke="aiter_unified.smoke:run",
