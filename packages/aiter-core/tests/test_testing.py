@@ -254,3 +254,17 @@ def test_interpret_mode_detects_triton_imported_too_early():
     assert "raised: TRITON_INTERPRET=1 is set but Triton was imported before it was" in result.stdout
     ok = _run_python("from aiter_core.testing import interpret_mode; import triton.language; print(interpret_mode())")
     assert ok.returncode == 0 and ok.stdout.strip() == "True", ok.stderr[-3000:]
+
+
+def test_check_max_error_raises_on_excess_and_nan():
+    import pytest
+    import torch
+
+    from aiter_core.testing import check_max_error
+
+    a = torch.zeros(3)
+    assert check_max_error("x", a + 1e-3, a, 1e-2) == pytest.approx(1e-3)
+    with pytest.raises(AssertionError, match="fam smoke: op differs from the reference by 0.5"):
+        check_max_error("fam smoke: op", a + 0.5, a, 1e-2)
+    with pytest.raises(AssertionError, match="nan"):
+        check_max_error("x", torch.tensor([float("nan")]), torch.zeros(1), 1.0)

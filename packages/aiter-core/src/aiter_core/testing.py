@@ -27,6 +27,7 @@ __all__ = [
     "Tolerance",
     "DTYPE_TOL",
     "sass_opcode_counts",
+    "check_max_error",
     "tolerance_for",
     "seed_everything",
     "randn",
@@ -398,4 +399,14 @@ def sass_opcode_counts(compiled) -> dict[str, int]:
     # "/*0a30*/  @!P0 HGMMA.64x64x16.F32.BF16 ..." -> HGMMA
     opcode = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)")
     return collections.Counter(m.group(1) for m in map(opcode.match, sass.splitlines()) if m)
+
+
+def check_max_error(label: str, got: torch.Tensor, want: torch.Tensor, atol: float) -> float:
+    """The largest absolute difference of ``got`` and ``want`` (any devices, compared in fp32);
+    raises ``AssertionError`` naming ``label`` when it exceeds ``atol`` or is NaN. For the
+    families' smoke tests, which must fail loudly without pytest."""
+    err = (got.float().cpu() - want.float().cpu()).abs().max().item()
+    if not err <= atol:  # also catches NaN
+        raise AssertionError(f"{label} differs from the reference by {err:.3g} (tolerance {atol:.3g})")
+    return err
 

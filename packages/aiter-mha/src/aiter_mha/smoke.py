@@ -10,17 +10,11 @@ from __future__ import annotations
 import os
 
 
-def _check(name: str, got, want, atol: float) -> float:
-    err = (got.float() - want.float()).abs().max().item()
-    if not err <= atol:  # also catches NaN
-        raise AssertionError(f"aiter-mha smoke: {name} differs from the reference by {err:.3g} (tolerance {atol:.3g})")
-    return err
-
-
 def run() -> str:
     import torch
 
     from aiter_core.registry import select
+    from aiter_core.testing import check_max_error
 
     from . import api, fp8
     from .ops import make_problem
@@ -44,13 +38,13 @@ def run() -> str:
     ref = attention_ref(q, k, v, causal=True)[0]
     low = attention_ref(q, k, v, causal=True, upcast=False)[0]
     tol = max(2 * (low.float() - ref.float()).abs().max().item(), 1e-2)
-    errs = [_check("flash_attn_func forward", out, ref, tol)]
+    errs = [check_max_error("aiter-mha smoke: flash_attn_func forward", out, ref, tol)]
     g = torch.randn(out.shape, generator=gen, device=device).to(dtype)
     got = torch.autograd.grad(out, [q, k, v], g)
     want = torch.autograd.grad(ref, [q, k, v], g)
     low_g = torch.autograd.grad(low, [q, k, v], g)
     for name, a, b, c in zip(("dq", "dk", "dv"), got, want, low_g):
-        errs.append(_check(f"flash_attn_func {name}", a, b, max(10 * (c.float() - b.float()).abs().max().item(), 2e-2)))
+        errs.append(check_max_error(f"aiter-mha smoke: flash_attn_func {name}", a, b, max(10 * (c.float() - b.float()).abs().max().item(), 2e-2)))
 
     with torch.no_grad():
         cu = torch.tensor([0, 17, 50], dtype=torch.int32, device=device)
@@ -59,11 +53,11 @@ def run() -> str:
         for b in range(2):
             s = slice(int(cu[b]), int(cu[b + 1]))
             ref_b = attention_ref(qv[None, s], kv[None, s], vv[None, s], causal=True)[0][0]
-            errs.append(_check("flash_attn_varlen_func", out_v[s], ref_b, tol))
+            errs.append(check_max_error("aiter-mha smoke: flash_attn_varlen_func", out_v[s], ref_b, tol))
         fp8_note = ""
         if gpu and torch.cuda.get_device_capability() >= (8, 9):
             out8 = fp8.flash_attn_fp8_func(q.detach(), k.detach(), v.detach(), causal=True)
-            _check("flash_attn_fp8_func", out8, ref, 0.25)
+            check_max_error("aiter-mha smoke: flash_attn_fp8_func", out8, ref, 0.25)
             fp8_note = ", fp8 ok"
     where = "GPU" if gpu else ("Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "CPU")
     return (f"mha: {backend} backend on {where}, {str(dtype).replace('torch.', '')} fwd+bwd+varlen "

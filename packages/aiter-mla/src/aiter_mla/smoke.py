@@ -9,17 +9,11 @@ interpreter when ``TRITON_INTERPRET=1``, else the reference backend.
 from __future__ import annotations
 
 
-def _check(name: str, got, want, atol: float) -> float:
-    err = (got.float() - want.float()).abs().max().item()
-    if not err <= atol:  # also catches NaN
-        raise AssertionError(f"aiter-mla smoke: {name} differs from the reference by {err:.3g} (tolerance {atol:.3g})")
-    return err
-
-
 def run() -> str:
     import torch
 
     from aiter_core.registry import select
+    from aiter_core.testing import check_max_error
 
     from . import api, cache_ops
     from .ops import make_problem
@@ -40,7 +34,7 @@ def run() -> str:
     _, lse = api.mla_decode_fwd(case.q, case.kv, o, case.qo_indptr, case.kv_indptr, case.kv_indices,
                                 case.kv_last_page_lens, 2, page_size=16, sm_scale=0.1, num_kv_splits=3,
                                 return_lse=True)
-    errs = [_check("mla_decode_fwd", o, ref_o, tol), _check("mla_decode_fwd lse", lse, ref_lse, tol)]
+    errs = [check_max_error("aiter-mla smoke: mla_decode_fwd", o, ref_o, tol), check_max_error("aiter-mla smoke: mla_decode_fwd lse", lse, ref_lse, tol)]
 
     info = api.get_mla_metadata_info_v1(3, 2, 16, dtype, dtype, is_sparse=False)
     bufs = [torch.empty(s, dtype=d, device=device) for s, d in info]
@@ -51,7 +45,7 @@ def run() -> str:
     api.mla_decode_fwd(case.q, case.kv, o, case.qo_indptr, case.kv_indptr, case.kv_indices, case.kv_last_page_lens,
                        2, page_size=16, sm_scale=0.1, work_meta_data=meta, work_indptr=w_ind, work_info_set=w_info,
                        reduce_indptr=r_ind, reduce_final_map=r_final, reduce_partial_map=r_part)
-    errs.append(_check("mla_decode_fwd (persistent)", o, ref_o, tol))
+    errs.append(check_max_error("aiter-mla smoke: mla_decode_fwd (persistent)", o, ref_o, tol))
 
     gen = torch.Generator(device=device).manual_seed(1)
     kv_c = torch.randn(5, lora, generator=gen, device=device).to(dtype)
@@ -60,6 +54,6 @@ def run() -> str:
     slots = torch.tensor([6, -1, 0, 3, 5], device=device)
     want = concat_and_cache_mla_ref(kv_c, k_pe, cache, slots, None)
     cache_ops.concat_and_cache_mla(kv_c, k_pe, cache, slots, "auto")
-    errs.append(_check("concat_and_cache_mla", cache, want, 0.0))
+    errs.append(check_max_error("aiter-mla smoke: concat_and_cache_mla", cache, want, 0.0))
     return f"aiter-mla: decode (split, persistent) and cache write match the reference on {device} " \
            f"(backend {backend}, max error {max(errs):.2g})"

@@ -9,19 +9,12 @@ through the reference backend.
 from __future__ import annotations
 
 
-def _check(name: str, got, want, atol: float) -> float:
-    err = (got.float().cpu() - want.float().cpu()).abs().max().item()
-    if not err <= atol:  # also catches NaN
-        raise AssertionError(f"aiter-pa smoke: {name} differs from the reference by {err:.3g} (tolerance {atol:.3g})")
-    return err
-
-
 def run() -> str:
     import torch
 
     from aiter_core.quant import KVQuant
     from aiter_core.registry import select
-    from aiter_core.testing import poison
+    from aiter_core.testing import check_max_error, poison
 
     from . import api
     from .layouts import allocate_kv_cache
@@ -43,7 +36,7 @@ def run() -> str:
     slots = torch.tensor([3, 17, -1, 40, 41, 63, 0, 22, 5], device=device)
     api.reshape_and_cache(key, value, kc, vc, slots)
     reshape_and_cache_ref(key, value, rk, rv, slots)
-    errs = [_check("reshape_and_cache", kc, rk, 0.0), _check("reshape_and_cache V", vc, rv, 0.0)]
+    errs = [check_max_error("aiter-pa smoke: reshape_and_cache", kc, rk, 0.0), check_max_error("aiter-pa smoke: reshape_and_cache V", vc, rv, 0.0)]
 
     # decode, fp8 per-token cache, two partitions, GQA 4, MTP 2
     ctx = [70, 33]
@@ -54,7 +47,7 @@ def run() -> str:
     api.paged_attention_decode(out, q, kv.key_cache, kv.value_cache, kv.context_lens, kv.block_tables, 0.125,
                                max(ctx), None, kv.k_scale, kv.v_scale, 2, mtp=2)
     ref = paged_attention_ref(q.float().cpu(), kv.k_deq, kv.v_deq, kv.block_tables.cpu(), ctx, 0.125, q_lens=[2, 2])
-    errs.append(_check("paged_attention_decode", out, ref, tol))
+    errs.append(check_max_error("aiter-pa smoke: paged_attention_decode", out, ref, tol))
 
     # prefix prefill: 2 sequences with cached context plus new tokens
     kvp = make_paged_kv([20, 5], 2, 64, 16, "vllm", KVQuant.NONE, dtype, None, device, seed=1)
@@ -68,6 +61,6 @@ def run() -> str:
                               seq_lens, 4)
     refp = paged_attention_ref(qp.float().cpu(), kvp.k_deq, kvp.v_deq, kvp.block_tables.cpu(), [20, 5], 64 ** -0.5,
                                q_starts=[0, 4], q_lens=[4, 3], new_k=kp.float().cpu(), new_v=vp.float().cpu())
-    errs.append(_check("context_attention_fwd", op, refp, tol))
+    errs.append(check_max_error("aiter-pa smoke: context_attention_fwd", op, refp, tol))
     return (f"aiter-pa ok on {device} ({dtype}, backend {problem_backend}): cache write, fp8 split-K decode, "
             f"prefix prefill; max error {max(errs):.2g}")

@@ -12,6 +12,7 @@ def run() -> str:
     import torch
 
     from aiter_core.registry import select
+    from aiter_core.testing import check_max_error
 
     from .api import unified_attention
     from .backends import make_problem
@@ -28,8 +29,6 @@ def run() -> str:
     unified_attention(b.q, b.k, b.v, out, b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k, b.max_seqlen_k, 0.125, True,
                       (-1, -1), b.block_table, 0.0, None, None, None)
     ref = unified_attention_ref(b.q, b.k, b.v, b.cu_seqlens_q, b.seqused_k, b.block_table, 0.125)
-    err = (out.float() - ref.float()).abs().max().item()
-    if not err <= 2e-2:  # also catches NaN
-        raise AssertionError(f"aiter-unified smoke: unified_attention differs from the reference by {err:.3g}")
+    err = check_max_error("aiter-unified smoke: unified_attention", out, ref, 2e-2)
     where = "GPU" if gpu else ("Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "CPU")
     return f"unified: {backend} backend on {where}, {str(dtype).replace('torch.', '')} mixed batch max err {err:.2e}"
