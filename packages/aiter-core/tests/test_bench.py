@@ -253,3 +253,12 @@ def test_command_line_of_a_module_run(tmp_path):
     out = subprocess.run([_sys.executable, "-m", "bench_cmd_probe", "--out", "x y"], cwd=tmp_path,
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == "python -m bench_cmd_probe --out 'x y'"
+
+
+def test_smoke_instead_runs_the_smoke_and_says_so(capsys):
+    from aiter_core.bench import smoke_instead
+
+    assert smoke_instead("aiter-x", lambda: "x: all good") == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "x: all good"
+    assert "aiter-x bench: no GPU" in captured.err and "smoke test instead" in captured.err

@@ -33,6 +33,7 @@ import torch
 from .triton_utils import interpreter_active
 
 __all__ = [
+    "smoke_instead",
     "median_ms",
     "tflops",
     "tbps",
@@ -643,3 +644,12 @@ def progress(items: Iterable[Any], description: str, total: int | None = None, q
         for item in items:
             yield item
             bar.advance(task)
+
+
+def smoke_instead(family: str, smoke_run) -> int:
+    """What a family's benchmark CLI does without a GPU: timing needs one, so it runs the family's
+    correctness smoke test (``smoke_run() -> str``) instead and says so. Returns the exit code 0."""
+    print(f"{family} bench: no GPU, timing needs one; running the correctness smoke test instead", file=sys.stderr)
+    print(smoke_run())
+    return 0
+

@@ -144,22 +144,17 @@ def _refcheck(name, out, want, grads=None, want_grads=None):
 # -- main ---------------------------------------------------------------------------------------
 
 
-def _cpu_demo() -> int:
-    from .smoke import run
-
-    print("aiter-mha bench: no CUDA device, timing needs a GPU; running the correctness smoke test instead.")
-    print(run())
-    return 0
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return _cpu_demo()
     from aiter_core import bench as core_bench
+
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from .smoke import run
+
+        return core_bench.smoke_instead("aiter-mha", run)
 
     BenchRun, progress = core_bench.BenchRun, core_bench.progress
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16

@@ -176,11 +176,11 @@ def main(argv=None) -> int:
     import torch
 
     if DEVICE == "cuda" and not torch.cuda.is_available():
+        from aiter_core.bench import smoke_instead
+
         from .smoke import run
 
-        print("no GPU: timing needs a device; running the aiter-mla smoke test instead", file=sys.stderr)
-        print(run())
-        return 0
+        return smoke_instead("aiter-mla", run)
 
     from aiter_core.bench import BenchRun, measure_ceilings, median_ms, mla_decode_bytes, mla_decode_flops, progress
 

@@ -324,11 +324,11 @@ def main(argv=None) -> int:
     import torch
 
     if not torch.cuda.is_available() and args.device != "cpu":
+        from aiter_core.bench import smoke_instead
+
         from .smoke import run
 
-        print("no GPU: timing needs a device; running the correctness smoke test instead")
-        print(run())
-        return 0
+        return smoke_instead("aiter-pa", run)
     return run_bench(args)
 
 

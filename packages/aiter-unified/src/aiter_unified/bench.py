@@ -242,11 +242,11 @@ def main(argv=None) -> int:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
+        from aiter_core.bench import smoke_instead
+
         from .smoke import run
 
-        print("no GPU: timing needs a device; running the correctness smoke test instead")
-        print(run())
-        return 0
+        return smoke_instead("aiter-unified", run)
     return run_bench(args)
 
 
