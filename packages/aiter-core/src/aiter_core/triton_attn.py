@@ -274,6 +274,17 @@ def dequant_kv_tile(x, scale, QUANT: tl.constexpr, shift, TOKEN_AXIS: tl.constex
 
 
 @triton.jit
+def _split_lse(lse_base, sum_base, k, km, s_plk, s_psk, HAS_SUM: tl.constexpr):
+    """Natural-log LSE of splits ``k`` (``-inf`` where masked or empty): the stored LSE, or with
+    ``HAS_SUM`` the stored running max plus the log of the stored exp-sum."""
+    lse = tl.load(lse_base + k * s_plk, mask=km, other=float("-inf")).to(tl.float32)
+    if HAS_SUM:
+        ssum = tl.load(sum_base + k * s_psk, mask=km, other=0.0).to(tl.float32)
+        lse = tl.where(ssum > 0.0, lse + tl.log(tl.where(ssum > 0.0, ssum, 1.0)), float("-inf"))
+    return lse
+
+
+@triton.jit
 def _splitk_merge_kernel(
     po_ptr, plse_ptr, psum_ptr, out_ptr, lse_out_ptr,
     R1, num_splits, head_dim,
@@ -298,11 +309,7 @@ def _splitk_merge_kernel(
     for k0 in range(0, num_splits, BLOCK_K):
         k = k0 + offs_k
         km = k < num_splits
-        lse = tl.load(lse_base + k * s_plk, mask=km, other=float("-inf")).to(tl.float32)
-        if HAS_SUM:
-            ssum = tl.load(sum_base + k * s_psk, mask=km, other=0.0).to(tl.float32)
-            lse = tl.where(ssum > 0.0, lse + tl.log(tl.where(ssum > 0.0, ssum, 1.0)), float("-inf"))
-        mx = tl.maximum(mx, lse)
+        mx = tl.maximum(mx, _split_lse(lse_base, sum_base, k, km, s_plk, s_psk, HAS_SUM))
     m_all = tl.max(mx, 0)
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
     # pass 2: weighted sum of the partial outputs; empty splits are never read
@@ -312,11 +319,7 @@ def _splitk_merge_kernel(
     for k0 in range(0, num_splits, BLOCK_K):
         k = k0 + offs_k
         km = k < num_splits
-        lse = tl.load(lse_base + k * s_plk, mask=km, other=float("-inf")).to(tl.float32)
-        if HAS_SUM:
-            ssum = tl.load(sum_base + k * s_psk, mask=km, other=0.0).to(tl.float32)
-            lse = tl.where(ssum > 0.0, lse + tl.log(tl.where(ssum > 0.0, ssum, 1.0)), float("-inf"))
-        w = tl.exp(lse - m_safe)
+        w = tl.exp(_split_lse(lse_base, sum_base, k, km, s_plk, s_psk, HAS_SUM) - m_safe)
         live = km & (w > 0.0)
         o = tl.load(po_base + k[:, None].to(tl.int64) * s_pok + offs_d[None, :] * s_pod,
                     mask=live[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
