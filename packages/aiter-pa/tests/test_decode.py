@@ -227,6 +227,8 @@ def test_relocated_pool_plumbing():
     _check(out, paged_attention_ref(q.cpu().float(), kv.k_deq, kv.v_deq, kv.block_tables.cpu(), ctx, 0.2), dtype)
     with pytest.raises(ValueError, match="per-slot scales"):
         relocate_to_pool_end(make_paged_kv(ctx, 2, 32, 16, "HND", PT, dtype, FP8, DEVICE), 100)
+    with pytest.raises(ValueError, match=f"total_blocks must be >= {kv.num_blocks}, got 1"):
+        relocate_to_pool_end(kv, 1)
 
 
 def test_kv_compute_env_is_checked(monkeypatch):
