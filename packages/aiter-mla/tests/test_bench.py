@@ -51,6 +51,7 @@ def test_cpu_dry_run_writes_results(monkeypatch, tmp_path):
         return 1.0 + 0.25 * len(calls)
 
     monkeypatch.setattr(core_bench, "median_ms", fake_median_ms)
+    monkeypatch.setattr(core_bench, "graph_median_ms", fake_median_ms)
     monkeypatch.setattr(core_bench, "measure_ceilings", lambda device: Ceilings(3.0, 700.0))
     assert bench.main(["--out", str(tmp_path), "--quiet", "--sweep"]) == 0
     result = json.loads((tmp_path / "mla.json").read_text())

@@ -1,6 +1,8 @@
 """Benchmark helpers shared by every family's ``benchmarks/`` CLI.
 
-* timing: :func:`median_ms`, the median of ``triton.testing.do_bench`` (GPU only);
+* timing: :func:`median_ms`, the median of ``triton.testing.do_bench`` (GPU only), and
+  :func:`graph_median_ms`, the same over a CUDA-graph replay (kernel time without Python launch
+  overhead, the way serving frameworks run decode);
 * counting: FLOPs and bytes exactly as ``spec/anchors.md`` defines them, so figures from
   different families and peers compare fairly;
 * ceilings: :func:`measure_copy_tbps` and :func:`measure_matmul_tflops`, measured in the same
@@ -35,6 +37,8 @@ from .triton_utils import interpreter_active
 __all__ = [
     "smoke_instead",
     "median_ms",
+    "graph_replay",
+    "graph_median_ms",
     "tflops",
     "tbps",
     "visible_pairs",
@@ -81,6 +85,31 @@ def median_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def graph_replay(fn: Callable[[], Any]) -> Callable[[], None]:
+    """``fn`` captured once in a CUDA graph; returns the graph's ``replay``.
+
+    ``fn`` runs twice on a side stream first (Triton compiles and the caching allocator settles
+    outside the capture), so it must not sync the host (a ``.item()`` would fail the capture).
+    """
+    _require_gpu("graph_replay")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
+def graph_median_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100) -> float:
+    """:func:`median_ms` of a CUDA-graph replay of ``fn`` (see :func:`graph_replay`)."""
+    return median_ms(graph_replay(fn), warmup=warmup, rep=rep)
 
 
 def tflops(flops: float, ms: float) -> float:

@@ -11,7 +11,9 @@ Providers, measured in the same run: ``aiter-triton`` (``mla_decode_fwd``, autom
 ``aiter-persistent`` (metadata + persistent decode + reduce), and two PyTorch formulations of the
 same absorbed attention on a contiguous copy of the KV rows: ``torch-matmul`` (bmm, fp32
 softmax, bmm) and ``torch-sdpa`` (``scaled_dot_product_attention`` with the query heads as the
-query sequence of one head). FLOPs ``2*b*h*s_q*ctx*(576+512)`` and bytes (Q + KV rows once + O)
+query sequence of one head). Every provider is timed by a CUDA-graph replay
+(``aiter_core.bench.graph_median_ms``: kernel time, as serving frameworks run decode); the
+``mla_decode-eager`` row times ``aiter-triton`` called from Python. FLOPs ``2*b*h*s_q*ctx*(576+512)`` and bytes (Q + KV rows once + O)
 as in spec/anchors.md; the copy/matmul ceilings from ``aiter_core.bench``. Every provider is
 checked against the reference once before timing.
 
@@ -182,7 +184,15 @@ def main(argv=None) -> int:
 
         return smoke_instead("aiter-mla", run)
 
-    from aiter_core.bench import BenchRun, measure_ceilings, median_ms, mla_decode_bytes, mla_decode_flops, progress
+    from aiter_core.bench import (
+        BenchRun,
+        graph_median_ms,
+        measure_ceilings,
+        median_ms,
+        mla_decode_bytes,
+        mla_decode_flops,
+        progress,
+    )
 
     from .reference import mla_decode_ref
     from .triton import launch
@@ -209,10 +219,12 @@ def main(argv=None) -> int:
                 _sync()
                 got = out["o"].view(batch, heads, LORA) if isinstance(out, dict) else out
                 _refcheck(name, got.reshape(ref_o.shape), ref_o)
-                ms = median_ms(fn)
+                ms = graph_median_ms(fn)
                 row = run.add("mla_decode", name, ms, flops=flops, nbytes=nbytes, **params)
                 if name == "aiter-triton":
                     summary[shape_name] = row
+                    # eager: the Python launch overhead (checks, dispatch, two launches) included
+                    run.add("mla_decode-eager", name, median_ms(fn), flops=flops, nbytes=nbytes, **params)
             except Exception as exc:  # a peer that cannot run this case is reported, not fatal
                 run.add("mla_decode", name, None, error=f"{type(exc).__name__}: {str(exc)[:120]}", **params)
         if args.sweep:
@@ -235,7 +247,7 @@ def main(argv=None) -> int:
                         fn()
                         _sync()
                         _refcheck(label, o, ref_o)
-                        ms = median_ms(fn, warmup=5, rep=20)
+                        ms = graph_median_ms(fn, warmup=5, rep=20)
                     except Exception as exc:
                         print(f"{shape_name} {label}: {type(exc).__name__}: {str(exc)[:100]}", file=sys.stderr)
                         continue

@@ -67,29 +67,18 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "gpu"
 
 
-def _eager_ms(fn) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, return_mode="median"))
-
-
 def _graph_ms(fn) -> float:
-    """Median ms of a CUDA-graph replay of ``fn`` (L2 flushed by do_bench before each replay)."""
-    import torch
-    import triton.testing
+    """Timing seam (the CPU test stubs it): median ms of a CUDA-graph replay of ``fn``."""
+    from aiter_core.bench import graph_median_ms
 
-    fn()  # compile / warm up outside the capture
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median"))
+    return graph_median_ms(fn, rep=200)
+
+
+def _eager_ms(fn) -> float:
+    """Timing seam: median ms of ``fn`` called eagerly (Python launch overhead included)."""
+    from aiter_core.bench import median_ms
+
+    return median_ms(fn)
 
 
 def _case(shape: dict, layout: str, seed: int = 0, device: str = "cuda"):
@@ -175,7 +164,7 @@ def _sdpa_cudnn(q, k, v):
     return fn
 
 
-def _flex(kv, q, shape, compile: bool = True):
+def _flex(kv, q, shape, compile: bool = True, kernel_options: dict | None = None):
     """FlexAttention over the whole physical block pool with a mask that keeps, for query ``b``,
     the pool rows of sequence ``b``'s blocks (positions < its context). The ``b`` decode queries
     are the rows of one "sequence" ``[1, hq, b, d]``; returns a function giving ``[b, hq, d]``.
@@ -205,7 +194,7 @@ def _flex(kv, q, shape, compile: bool = True):
     attn = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
 
     def fn():
-        return attn(qq, k, v, block_mask=block_mask, enable_gqa=True)[0].transpose(0, 1)
+        return attn(qq, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=kernel_options)[0].transpose(0, 1)
     return fn
 
 
@@ -271,10 +260,15 @@ def run_bench(args) -> int:
             except Exception as exc:  # a peer that cannot run is reported, not fatal
                 run.add("decode", "sdpa-cudnn", None, nbytes=nbytes, **params, error=f"{type(exc).__name__}: {exc}"[:200])
         if "flex" in args.provider_names and shape["quant"] == "none":
-            try:
-                run.add("decode", "flex", _graph_ms(_flex(kv, q, shape)), nbytes=nbytes, **params)
-            except Exception as exc:
-                run.add("decode", "flex", None, nbytes=nbytes, **params, error=f"{type(exc).__name__}: {exc}"[:200])
+            # torch 2.11's flex-decoding template finds no config for this pool (NoValidChoicesError,
+            # H100 run of 2026-11-24): fall back to the general FlexAttention kernel, and say so
+            for name, options in (("flex", None), ("flex (FORCE_USE_FLEX_ATTENTION)", {"FORCE_USE_FLEX_ATTENTION": True})):
+                try:
+                    run.add("decode", name, _graph_ms(_flex(kv, q, shape, kernel_options=options)), nbytes=nbytes,
+                            **params)
+                    break
+                except Exception as exc:
+                    run.add("decode", name, None, nbytes=nbytes, **params, error=f"{type(exc).__name__}: {exc}"[:200])
         if not args.quick:
             for parts in (1, 2, 4, 8):
                 o = torch.empty_like(q)

@@ -10,7 +10,7 @@ The issue's three shapes on one GPU, bf16, NHD paged KV with block size 16, meas
 * ``mixed``: 4 prefills of 1024 plus 64 decodes at context 4096 in one call; peer
   ``aiter-mha+aiter-pa``: mha varlen on the prefills then pa decode on the decodes, back to back.
 
-Every provider is captured in a CUDA graph and timed by replay (``aiter_core.bench.median_ms``,
+Every provider is captured in a CUDA graph and timed by replay (``aiter_core.bench.graph_median_ms``,
 L2 flushed), so Python launch overhead is excluded. The peers are other aiter families, loaded
 only here and only if installed (a row says so when one is missing). ``unified-2d`` /
 ``unified-3d`` rows force one kernel. ``--sweep`` adds a ``sweep`` row per tile config
@@ -59,29 +59,11 @@ def parse_args(argv=None):
     return args
 
 
-def _graphed(fn):
-    import torch
-
-    if not torch.cuda.is_available():
-        return fn
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def _time_ms(fn) -> float:
     """Median time of ``fn`` replayed from a CUDA graph, L2 flushed (tests replace this)."""
     from aiter_core import bench as B
 
-    return B.median_ms(_graphed(fn))
+    return B.graph_median_ms(fn)
 
 
 def _seqs(shape, dims=FULL):
