@@ -141,6 +141,26 @@ def online_softmax_step(m_i, l_i, s):
 
 
 @triton.jit
+def saturate_to_fp16(x):
+    """``x`` as fp16, clamped to +-65504: a bf16/fp32 query meeting 8-bit KV tiles in fp16 dots
+    (fp8 -> fp16 is one cheap conversion, fp8 -> bf16 is not) must not overflow to inf."""
+    return tl.minimum(tl.maximum(x.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+
+
+@triton.jit
+def online_softmax_step_scaled(m_i, l_i, s, scale_log2):
+    """:func:`online_softmax_step` on raw scores ``s`` whose log2-domain value is
+    ``s * scale_log2`` (``scale_log2 > 0``; masked scores -inf): the scale rides in the exponent's
+    FMA instead of a separate multiply over the whole tile. ``m_i`` is in the log2 domain."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s * scale_log2 - m_safe[:, None])
+    l_new = l_i * alpha + tl.sum(p, 1)
+    return m_new, alpha, p, l_new
+
+
+@triton.jit
 def online_softmax_finalize(acc, m_i, l_i):
     empty = l_i == 0.0
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))

@@ -24,7 +24,8 @@ own buffer (non-absorbed prefill, SGLang ``v_buffer``) instead of the nope part 
 Page ids outside ``[0, num_kv_pages)`` are skipped (``aiter_core.triton_attn.paged_block_lookup``),
 never read. The online-softmax step and finalisation are aiter_core's as well.
 ``COMPUTE``: operand type of ``tl.dot`` after loading (0 = as stored, 1 = bf16, 2 = fp16,
-3 = fp32): fp8 inputs are upcast in registers, so fp8 KV halves the bytes read.
+3 = fp32): fp8 inputs are upcast in registers, so fp8 KV halves the bytes read; fp8 caches
+meet a bf16 query in fp16 (``launch.compute_code``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from aiter_core.triton_attn import online_softmax_finalize, online_softmax_step, paged_block_lookup, softcap_scores
+from aiter_core.triton_attn import (
+    online_softmax_finalize,
+    online_softmax_step,
+    paged_block_lookup,
+    saturate_to_fp16,
+    softcap_scores,
+)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -47,6 +54,15 @@ def _upcast(x, COMPUTE: tl.constexpr):
     elif COMPUTE == 3:
         x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def _upcast_query(x, COMPUTE: tl.constexpr):
+    """Query-side operands (and the rotated last key) may be bf16 where the cache is fp8: fp16
+    dots need them clamped to fp16's range, once per CTA."""
+    if COMPUTE == 2:
+        return saturate_to_fp16(x)
+    return _upcast(x, COMPUTE)
 
 
 @triton.jit
@@ -132,8 +148,8 @@ def _mla_tile(
     q_nope = tl.load(Q + q_off[:, None] + offs_dn[None, :], mask=row_ok[:, None] & dn_ok[None, :], other=0.0)
     q_rope = tl.load(Q + q_off[:, None] + D_NOPE + offs_dr[None, :], mask=row_ok[:, None] & dr_ok[None, :],
                      other=0.0)
-    q_nope = _upcast(q_nope, COMPUTE)
-    q_rope = _upcast(q_rope, COMPUTE)
+    q_nope = _upcast_query(q_nope, COMPUTE)
+    q_rope = _upcast_query(q_rope, COMPUTE)
 
     # Causal: query token i (position q_pos0 + tok in a sequence of qlen) sees keys
     # j <= kv_len - qlen + q_pos0 + tok (bottom-right aligned).
@@ -141,7 +157,7 @@ def _mla_tile(
 
     if LAST_ROPE:
         # the last key's rope part comes rotated from last_rope [D_ROPE] (SGLang in-kernel RoPE)
-        last_pe = _upcast(tl.load(last_rope + offs_dr, mask=dr_ok, other=0.0), COMPUTE)
+        last_pe = _upcast_query(tl.load(last_rope + offs_dr, mask=dr_ok, other=0.0), COMPUTE)
     else:
         last_pe = q_rope  # unused
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)

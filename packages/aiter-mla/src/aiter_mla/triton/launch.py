@@ -81,10 +81,12 @@ def decode_config(num_heads: int, max_seqlen_q: int, kv_dtype: torch.dtype, d_no
         wide = d_nope > 256
         if rows <= 32:
             # memory-bound (mma.sync path): KV tiles prefetched by cp.async, two CTAs per SM
-            block_n = 64 if (kv_bytes == 1 or not wide) else 32
-            # H100 sweep (b128 h16 ctx4k bf16 page64): 2 stages reached 2.18 TB/s where 3 stages
-            # gave 0.87: the third KV stage costs the second CTA per SM its shared memory
-            stages = 2 if (wide and kv_bytes > 1) else 3
+            block_n = 32 if wide else 64
+            # H100, b128 h16 ctx4k page64, CUDA-graph timed, 2 splits: bf16 BLOCK_N 32 with 3
+            # stages 0.247 ms (2.45 TB/s), 2 stages 0.250-0.255, BLOCK_N 64 0.33 (an earlier
+            # sweep that timed eager calls had 3 stages far behind: launch overhead, not the
+            # kernel); fp8 (fp16 dots) BLOCK_N 64 spills (61 stores), BLOCK_N 32 does not
+            stages = 3 if kv_bytes > 1 else 2
             cfg = TileConfig(block_h, block_q, block_n, 4, stages, 2)
         else:
             # compute-bound (64 rows of wgmma): 8 warps share the 64 x 512 fp32 accumulator;
@@ -131,14 +133,19 @@ def auto_num_kv_splits(batch: int, avg_kv_tokens: float, num_heads: int, max_seq
     return best
 
 
-def compute_code(dtype: torch.dtype, kv_dtype: torch.dtype) -> int:
-    """``COMPUTE`` constexpr: what fp8 operands are upcast to (bf16 on GPUs, fp32 interpreted)."""
-    if dtype in FP8_DTYPES or kv_dtype in FP8_DTYPES:
+def compute_code(dtype: torch.dtype, kv_dtype: torch.dtype, v_dtype: Optional[torch.dtype] = None) -> int:
+    """``COMPUTE`` constexpr: the operand type of the dots (see attention.py).
+
+    fp8 caches meet the query in fp16 when every KV operand is fp8 or fp16: fp8 -> fp16 is one
+    cheap conversion where fp8 -> bf16 is not (the H100 runs of aiter-pa measured 1.28x -> 1.8x
+    over bf16 KV from that alone), and fp16 holds e4m3 exactly; a bf16 query is clamped to fp16's
+    range in the kernel (``saturate_to_fp16``). A bf16 KV operand next to fp8 keeps bf16.
+    The interpreter computes fp8 in fp32 (its bf16/fp16 dots are not exact)."""
+    kv_types = {kv_dtype, v_dtype or kv_dtype}
+    if dtype in FP8_DTYPES or kv_types & set(FP8_DTYPES):
         if interpreting():
             return 3
-        if dtype == torch.float16 or kv_dtype == torch.float16:
-            return 2
-        return 1
+        return 2 if kv_types <= {*FP8_DTYPES, torch.float16} else 1
     if dtype != kv_dtype:
         return 3 if torch.float32 in (dtype, kv_dtype) else 1
     return 0
@@ -253,7 +260,7 @@ def attention(q: Tensor, kv: Tensor, out: Tensor, *, qo_indptr: Tensor, max_seql
         BLOCK_DN=max(16, next_pow2(d_nope)), BLOCK_DR=max(16, next_pow2(d_rope)), BLOCK_DV=max(16, next_pow2(d_v)),
         SEPARATE_V=v is not None, BLOCK_H=config.BLOCK_H, BLOCK_Q=config.BLOCK_Q, BLOCK_N=config.BLOCK_N,
         PAGE_SIZE=page_size, TABLE_MODE=table_mode,
-        CAUSAL=causal, COMPUTE=compute_code(q.dtype, kv.dtype), WRITE_LSE=split or lse is not None,
+        CAUSAL=causal, COMPUTE=compute_code(q.dtype, kv.dtype, v.dtype if v is not None else None), WRITE_LSE=split or lse is not None,
         HAS_Q_SCALE=q_scale is not None, HAS_KV_SCALE=kv_scale is not None, HAS_V_SCALE=v_scale is not None,
         SOFTCAP=softcap > 0, LAST_ROPE=last_rope is not None, PREFETCH=bool(config.prefetch),
         OFFSET_BITS=offset_bits(kv, vbuf), num_warps=config.num_warps, num_stages=config.num_stages,

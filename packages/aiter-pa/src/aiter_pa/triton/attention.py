@@ -134,9 +134,9 @@ def _paged_attn_kernel(
     # always meet the query in its own dtype
     if KV_FP16:
         cdt = tl.float16
-        qc = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(cdt)
+        qc = ta.saturate_to_fp16(q)
         if HEAD_D2 > 0:
-            q2c = tl.minimum(tl.maximum(q2.to(tl.float32), -65504.0), 65504.0).to(cdt)
+            q2c = ta.saturate_to_fp16(q2)
     else:
         cdt = q.dtype
         qc = q
