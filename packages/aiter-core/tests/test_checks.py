@@ -127,6 +127,10 @@ def test_check_float():
         C.check_float("p", -0.1, minimum=0.0)
     with pytest.raises(ValueError, match=r"^p must be < 1.0, got 1.0$"):
         C.check_float("p", 1.0, below=1.0)
+    assert C.check_float("scale", 1e-30, above=0.0) == 1e-30
+    for bad in (0.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match=r"^scale must be > 0.0, got "):
+            C.check_float("scale", bad, above=0.0)
 
 
 def test_check_bool():

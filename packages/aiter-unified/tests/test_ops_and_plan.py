@@ -10,7 +10,7 @@ import aiter_unified  # noqa: F401
 from aiter_core.registry import explain, families, select, specs
 from aiter_unified import ops
 from aiter_unified.backends import make_problem, reference_supports
-from aiter_unified.triton.launch import plan
+from aiter_unified.triton.launch import SHORT_Q, plan, plans
 
 CPU = torch.device("cpu")
 
@@ -27,8 +27,8 @@ def test_heuristic_thresholds(monkeypatch):
     import aiter_unified.triton.launch as launch
 
     monkeypatch.setattr(launch, "_sm_count", lambda device: 132)
-    assert _plan().use_2d  # 64 seqs x 8 KV heads = 512 programs >= 3 x 132: single pass
-    decode = _plan(num_seqs=48)  # 384 programs < 396: split KV
+    assert _plan(num_seqs=66).use_2d  # 66 seqs x 8 KV heads = 528 programs >= 4 x 132: single pass
+    decode = _plan()  # 512 programs < 528: split KV
     assert not decode.use_2d and decode.num_segments >= 2
     assert decode.num_segments & (decode.num_segments - 1) == 0
     assert decode.block_m == 16 and decode.block_q == 4
@@ -36,7 +36,7 @@ def test_heuristic_thresholds(monkeypatch):
     assert _plan(max_seqlen_k=512).use_2d
     assert _plan(num_seqs=128).use_2d  # 1024 programs >= 528
     prefill = _plan(num_tokens=8 * 2048, num_seqs=8, max_seqlen_q=2048, max_seqlen_k=2048)
-    assert prefill.use_2d and prefill.block_m == 64 and prefill.block_q == 16
+    assert prefill.use_2d and prefill.block_m == 128 and prefill.block_q == 32 and prefill.num_warps == 8
     # non power of two GQA: the group is padded to 8 rows
     odd = _plan(heads_q=40, heads_kv=8)
     assert odd.group_p2 == 8 and odd.block_m == 16 and odd.block_q == 2
@@ -44,6 +44,28 @@ def test_heuristic_thresholds(monkeypatch):
     assert _plan(heads_q=64, heads_kv=1).block_m == 64
     assert _plan(skip_reduce=True, max_seqlen_k=100).num_segments >= 2
     assert _plan(force="2d").use_2d and not _plan(force="3d", max_seqlen_k=100).use_2d
+
+
+def test_mixed_batches_run_two_launches(monkeypatch):
+    monkeypatch.setenv("AITER_NUM_CU", "132")
+    monkeypatch.delenv("AITER_UNIFIED_CONFIG", raising=False)
+    base = dict(num_tokens=4 * 1024 + 64, num_seqs=68, heads_q=32, heads_kv=8, head_dim=128, max_seqlen_q=1024,
+                max_seqlen_k=4096, sliding_window=0, device=CPU)
+    short, long = plans(**base)
+    # sequences of <= SHORT_Q new tokens: 16-row tiles, a fixed SHORT_Q / BLOCK_Q blocks each
+    assert (short.block_m, short.block_q, short.blocks_per_seq) == (16, 4, SHORT_Q // 4)
+    assert short.query_blocks == 68 * (SHORT_Q // 4) and (short.qlen_lo, short.qlen_hi) == (0, SHORT_Q)
+    assert short.use_2d and long.use_2d
+    assert (long.block_m, long.blocks_per_seq, long.qlen_lo) == (128, 0, SHORT_Q) and long.qlen_hi >= 2**31 - 1
+    # one launch: decode-only batches, split KV, head dims above 128, segment output
+    assert len(plans(**{**base, "max_seqlen_q": SHORT_Q})) == 1
+    assert len(plans(**{**base, "force": "3d"})) == 1
+    assert len(plans(**{**base, "head_dim": 256})) == 1
+    assert len(plans(**{**base, "skip_reduce": True})) == 1
+    # the tuning override sets the prefill tile only
+    monkeypatch.setenv("AITER_UNIFIED_CONFIG", "64,32,4,3")
+    short, long = plans(**base)
+    assert short.block_m == 16 and (long.block_m, long.tile_n, long.num_warps, long.num_stages) == (64, 32, 4, 3)
 
 
 def test_config_override(monkeypatch):

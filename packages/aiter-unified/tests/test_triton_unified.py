@@ -94,6 +94,23 @@ def test_fp8_kv_and_fp8_q_with_descales_and_output_scale():
         torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
 
 
+def test_mixed_batch_split_at_short_q_boundary():
+    """A single-pass mixed batch runs two launches (sequences of <= SHORT_Q new tokens on the small
+    tile, the rest on the prefill tile): lengths at SHORT_Q and SHORT_Q + 1, empty and decode
+    sequences must each be attended exactly once."""
+    from aiter_unified.triton.launch import SHORT_Q, plans
+
+    seqs = [(1, 40), (SHORT_Q, 30), (SHORT_Q + 1, 50), (0, 5), (3, 3), (40, 90), (1, 1)]
+    b = make_batch(seqs, heads_q=6, heads_kv=2, head_dim=32, block_size=16, dtype=F16, device=DEV, seed=21)
+    launches = plans(num_tokens=b.q.shape[0], num_seqs=len(seqs), heads_q=6, heads_kv=2, head_dim=32,
+                     max_seqlen_q=b.max_seqlen_q, max_seqlen_k=b.max_seqlen_k, sliding_window=0,
+                     device=torch.device(DEV))
+    assert len(launches) == 2
+    out = _run_triton(b, force=None, scale=0.2, window=(-1, -1), softcap=0.0, extras={})
+    ref = unified_attention_ref(b.q, b.k, b.v, b.cu_seqlens_q, b.seqused_k, b.block_table, 0.2)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=2e-3)
+
+
 def test_public_api_random_mix_matches_reference_backend():
     gen = torch.Generator().manual_seed(11)
     seqs = random_seqs(7, max_q=20, max_ctx=70, gen=gen)

@@ -49,6 +49,7 @@ BAD = [
     ("table_short", dict(max_seqlen_k=100), ValueError, "block_table has"),
     ("window", dict(window_size=(3,)), ValueError, "window_size must be a pair"),
     ("softcap", dict(softcap=-1.0), ValueError, "softcap must be"),
+    ("scale_zero", dict(softmax_scale=0.0), ValueError, r"softmax_scale must be > 0.0, got 0.0"),
     ("descale_shape", dict(q_descale=torch.ones(2)), ValueError, "q_descale must be a float32 tensor"),
     ("kv_descale_pair", dict(k_descale=torch.ones(1)), ValueError, "given together"),
     ("alibi", dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must be float32 \[4\]"),

@@ -139,11 +139,15 @@ def check_int(name: str, value, *, minimum: int | None = None) -> int:
     return value if symbolic else int(value)
 
 
-def check_float(name: str, value, *, minimum: float | None = None, below: float | None = None) -> float:
-    """A real number (int, float, numpy scalar, SymFloat), optionally ``>= minimum`` and ``< below``; bools are refused."""
+def check_float(name: str, value, *, minimum: float | None = None, below: float | None = None,
+                above: float | None = None) -> float:
+    """A real number (int, float, numpy scalar, SymFloat), optionally ``>= minimum``, ``< below`` and
+    ``> above`` (NaN fails ``above``); bools are refused."""
     symbolic = _is_symbolic(value, "SymFloat")
     if isinstance(value, bool) or not (isinstance(value, numbers.Real) or symbolic):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if above is not None and not symbolic and not value > above:
+        raise ValueError(f"{name} must be > {above}, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     if below is not None and value >= below:

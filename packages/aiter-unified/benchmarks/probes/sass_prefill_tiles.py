@@ -19,7 +19,7 @@ from aiter_core.testing import compile_for_sm90, example_signature, sass_opcode_
 from aiter_unified.triton.kernel import unified_attn_kernel
 from aiter_unified.triton.launch import kernel_args, plan
 
-CONFIGS = [None, "128,64,8,3", "128,64,8,2", "128,128,8,2", "128,64,4,3", "64,128,4,2"]
+CONFIGS = [None, "128,64,8,3", "64,64,4,3", "128,128,8,2", "128,64,4,3", "64,128,4,2"]
 
 
 def main() -> None:

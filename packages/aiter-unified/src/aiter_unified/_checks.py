@@ -84,7 +84,7 @@ def check_unified_args(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_
     if block_table.shape[1] * block_size < max_seqlen_k:
         raise ValueError(f"block_table has {block_table.shape[1]} blocks of {block_size} per sequence, fewer than "
                          f"max_seqlen_k={max_seqlen_k} tokens")
-    check_float("softmax_scale", softmax_scale)
+    check_float("softmax_scale", softmax_scale, above=0.0)  # the kernel folds it into exp2's FMA
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or \
             not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size):
         raise ValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}")

@@ -3,9 +3,11 @@
 Query blocks: each sequence's new tokens are cut into blocks of ``BLOCK_Q`` tokens. Block ``b`` of
 the launch belongs to the last sequence ``s`` with ``cu_seqlens_q[s] // BLOCK_Q + s <= b`` (found
 by binary search in the kernel), so ``num_tokens // BLOCK_Q + num_seqs`` programs per KV head
-cover any mix of lengths without reading lengths on the host; surplus blocks exit at once. When
-every sequence has one new token (``ONE_TOKEN``, from ``max_seqlen_q == 1``) block ``b`` is
-sequence ``b``.
+cover any mix of lengths without reading lengths on the host; surplus blocks exit at once. With
+``BLOCKS_PER_SEQ = n > 0`` block ``b`` is block ``b % n`` of sequence ``b // n`` instead (``n = 1``
+when every sequence has one new token). A launch attends only the sequences whose new-token
+count ``qlen`` has ``qlen_lo < qlen <= qlen_hi``: a mixed batch runs as two launches of this
+kernel, decode-like sequences with small row tiles and prefills with big ones (launch.plans).
 
 Rows: a program's ``BLOCK_M = BLOCK_Q * GROUP_P2`` rows are (query token, query head of this KV
 head) pairs, ``row = token * GROUP_P2 + head_in_group``. ``GROUP_P2`` is the GQA ratio rounded up
@@ -69,26 +71,30 @@ def _attend_tile(acc, m_i, l_i, q, t, offs_n, offs_d, d_ok, bt_row, num_logical_
         k = tl.where(d_ok[:, None], k.to(CDT), 0.0).to(CDT)
     else:
         k = k.to(CDT)
-    s = tl.dot(q, k) * qk_scale
-    if USE_SOFTCAP:
-        s = ta.softcap_scores(s, softcap)
-    rel = tok - ctx
-    if HAS_ALIBI:
-        s = s + slope[:, None] * rel[None, :].to(tl.float32)
+    s = tl.dot(q, k)
     if MASKED:
         keep = row_ok[:, None] & valid[None, :] & (tok[None, :] <= qpos[:, None])
         if USE_WINDOW:
             keep = keep & ((qpos[:, None] - tok[None, :]) < sliding_window)
+    if USE_SOFTCAP or HAS_ALIBI or HAS_QQ:
+        # score modifiers act on scaled scores: scale first, then log2 units
+        s = s * qk_scale
+        if USE_SOFTCAP:
+            s = ta.softcap_scores(s, softcap)
+        rel = tok - ctx
+        if HAS_ALIBI:
+            s = s + slope[:, None] * rel[None, :].to(tl.float32)
         if HAS_QQ:
-            s = s + tl.load(qq_ptr + qt[:, None].to(tl.int64) * s_qq + rel[None, :],
-                            mask=keep & (rel[None, :] >= 0), other=0.0).to(tl.float32)
-        s = tl.where(keep, s * 1.4426950408889634, float("-inf"))
+            qq_ok = (keep if MASKED else row_ok[:, None]) & (rel[None, :] >= 0)
+            s = s + tl.load(qq_ptr + qt[:, None].to(tl.int64) * s_qq + rel[None, :], mask=qq_ok,
+                            other=0.0).to(tl.float32)
+        s_scale = 1.4426950408889634
     else:
-        if HAS_QQ:
-            s = s + tl.load(qq_ptr + qt[:, None].to(tl.int64) * s_qq + rel[None, :],
-                            mask=row_ok[:, None] & (rel[None, :] >= 0), other=0.0).to(tl.float32)
-        s = s * 1.4426950408889634
-    m_new, alpha, p, l_new = ta.online_softmax_step(m_i, l_i, s)
+        # plain scores: the scale rides in the exponent's FMA (one op per score instead of three)
+        s_scale = qk_scale * 1.4426950408889634
+    if MASKED:
+        s = tl.where(keep, s, float("-inf"))
+    m_new, alpha, p, l_new = ta.online_softmax_step_scaled(m_i, l_i, s, s_scale)
     if MASKED:
         v = tl.load(v_base + v_tok[:, None] + offs_d[None, :] * s_vd, mask=valid[:, None] & d_ok[None, :])
         # masked lanes are undefined (NaN bits possible for fp8): zero them, P is 0 there anyway
@@ -108,7 +114,7 @@ def unified_attn_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, seqused_ptr, bt_ptr,
     sinks_ptr, alibi_ptr, qq_ptr, qdesc_ptr, kdesc_ptr, vdesc_ptr, oscale_ptr,
     so_ptr, sm_ptr, ss_ptr,
-    num_seqs, num_logical_blocks, num_phys_blocks,
+    num_seqs, qlen_lo, qlen_hi, num_logical_blocks, num_phys_blocks,
     s_qt, s_qh, s_ot, s_oh,
     s_kblk, s_ktok, s_kh, s_vblk, s_vtok, s_vh,
     s_bt, s_qq,
@@ -120,7 +126,7 @@ def unified_attn_kernel(
     s_qd: tl.constexpr, s_od: tl.constexpr, s_kd: tl.constexpr, s_vd: tl.constexpr,
     CDT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_QQ: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_QDESC: tl.constexpr, HAS_KVDESC: tl.constexpr,
-    HAS_OSCALE: tl.constexpr, OUT_FP8_MAX: tl.constexpr, NUM_SEGMENTS: tl.constexpr, ONE_TOKEN: tl.constexpr,
+    HAS_OSCALE: tl.constexpr, OUT_FP8_MAX: tl.constexpr, NUM_SEGMENTS: tl.constexpr, BLOCKS_PER_SEQ: tl.constexpr,
     OFFSET_BITS: tl.constexpr,
 ):
     # query blocks on axis 0: the only axis allowed more than 65535 programs
@@ -128,17 +134,17 @@ def unified_attn_kernel(
     kvh = tl.program_id(1)
     seg = tl.program_id(2)
 
-    if ONE_TOKEN:  # max_seqlen_q == 1: one query block per sequence, no search
-        seq = qblock
+    if BLOCKS_PER_SEQ > 0:  # a fixed number of query blocks per sequence, no search
+        seq = qblock // BLOCKS_PER_SEQ
         q_begin = tl.load(cu_q_ptr + seq)
         qlen = tl.load(cu_q_ptr + seq + 1) - q_begin
-        local = 0
+        local = qblock % BLOCKS_PER_SEQ
     else:
         seq = _find_seq(cu_q_ptr, qblock, num_seqs, BLOCK_Q)
         q_begin = tl.load(cu_q_ptr + seq)
         qlen = tl.load(cu_q_ptr + seq + 1) - q_begin
         local = qblock - (q_begin // BLOCK_Q + seq)
-    if local * BLOCK_Q >= qlen:
+    if (local * BLOCK_Q >= qlen) | (qlen <= qlen_lo) | (qlen > qlen_hi):
         return
     kv_len = tl.load(seqused_ptr + seq)
     ctx = kv_len - qlen
