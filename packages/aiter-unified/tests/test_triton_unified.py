@@ -187,3 +187,27 @@ def test_64_bit_offsets_give_the_same_result():
                 out = merged.to(out.dtype)
             torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=2e-3,
                                        msg=lambda m: f"{force} OFFSET_BITS={bits}: {m}")
+
+
+@pytest.mark.parametrize("force", ["2d", "3d"])
+def test_v_cache_with_its_own_strides(force):
+    """K and V share one address vector when their block and token strides agree
+    (SAME_KV_OFFSETS); a V cache laid out differently (here: each token's row padded to twice the
+    head dim) takes its own offsets."""
+    from aiter_unified.triton.launch import kernel_args, plan
+
+    b = make_batch([(1, 37), (9, 30), (5, 5)], heads_q=4, heads_kv=2, head_dim=32, block_size=16, dtype=F16,
+                   device=DEV, seed=22)
+    padded = torch.full((*b.v.shape[:3], 64), float("nan"), dtype=b.v.dtype, device=DEV)
+    padded[..., :32] = b.v
+    v = padded[..., :32]
+    p = plan(num_tokens=b.q.shape[0], num_seqs=3, heads_q=4, heads_kv=2, head_dim=32, max_seqlen_q=b.max_seqlen_q,
+             max_seqlen_k=b.max_seqlen_k, sliding_window=0, device=b.q.device)
+    _, consts = kernel_args(b.q, b.k, v, b.q, b.cu_seqlens_q, b.seqused_k, b.block_table, softmax_scale=0.1,
+                            softcap=0.0, sliding_window=0, sinks=None, alibi_slopes=None, qq_bias=None, q_descale=None,
+                            k_descale=None, v_descale=None, output_scale=None, p=p)
+    assert consts["SAME_KV_OFFSETS"] is False
+    ref = unified_attention_ref(b.q, b.k, b.v, b.cu_seqlens_q, b.seqused_k, b.block_table, 0.2)
+    b.v = v
+    out = _run_triton(b, force=force, scale=0.2, window=(-1, -1), softcap=0.0, extras={}, num_segments=2, tile_n=16)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=2e-3)

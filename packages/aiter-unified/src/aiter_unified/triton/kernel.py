@@ -54,24 +54,29 @@ def _attend_tile(acc, m_i, l_i, q, t, offs_n, offs_d, d_ok, bt_row, num_logical_
                  sliding_window, slope, qq_ptr, s_qq, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
                  TILE_N: tl.constexpr, KV_BLOCK: tl.constexpr, s_kd: tl.constexpr, s_vd: tl.constexpr,
                  CDT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                 HAS_QQ: tl.constexpr, MASKED: tl.constexpr, OFFSET_BITS: tl.constexpr):
+                 HAS_QQ: tl.constexpr, MASKED: tl.constexpr, OFFSET_BITS: tl.constexpr,
+                 SAME_KV_OFFSETS: tl.constexpr):
     """One tile of TILE_N keys: scores, online softmax, P @ V. ``MASKED=False`` is only for tiles
     every row sees entirely (all keys valid, causal and window satisfied)."""
     tok = t * TILE_N + offs_n
     phys, off, valid = ta.paged_block_lookup(bt_row, tok, KV_BLOCK, num_logical_blocks, num_phys_blocks, tok < kv_end)
     k_tok = ta.paged_token_offset_from_tok(phys, tok, s_kblk, KV_BLOCK, KV_BLOCK, 0, s_ktok, OFFSET_BITS)
-    v_tok = ta.paged_token_offset_from_tok(phys, tok, s_vblk, KV_BLOCK, KV_BLOCK, 0, s_vtok, OFFSET_BITS)
-    if MASKED:
-        k = tl.load(k_base + k_tok[None, :] + offs_d[:, None] * s_kd, mask=valid[None, :] & d_ok[:, None])
-    elif BLOCK_D != HEAD_D:  # invalid block ids still address block 0 (in bounds), see paged_block_lookup
-        k = tl.load(k_base + k_tok[None, :] + offs_d[:, None] * s_kd, mask=d_ok[:, None])
+    if SAME_KV_OFFSETS:  # K and V caches share their block and token strides: one address vector
+        v_tok = k_tok
     else:
-        k = tl.load(k_base + k_tok[None, :] + offs_d[:, None] * s_kd)
+        v_tok = ta.paged_token_offset_from_tok(phys, tok, s_vblk, KV_BLOCK, KV_BLOCK, 0, s_vtok, OFFSET_BITS)
+    # K as [TILE_N, D] like V (the dot takes its transpose): both tiles use the same token layout
+    if MASKED:
+        k = tl.load(k_base + k_tok[:, None] + offs_d[None, :] * s_kd, mask=valid[:, None] & d_ok[None, :])
+    elif BLOCK_D != HEAD_D:  # invalid block ids still address block 0 (in bounds), see paged_block_lookup
+        k = tl.load(k_base + k_tok[:, None] + offs_d[None, :] * s_kd, mask=d_ok[None, :])
+    else:
+        k = tl.load(k_base + k_tok[:, None] + offs_d[None, :] * s_kd)
     if BLOCK_D != HEAD_D:  # padded head dims must be 0 (0 * NaN); invalid keys are masked below
-        k = tl.where(d_ok[:, None], k.to(CDT), 0.0).to(CDT)
+        k = tl.where(d_ok[None, :], k.to(CDT), 0.0).to(CDT)
     else:
         k = k.to(CDT)
-    s = tl.dot(q, k)
+    s = tl.dot(q, tl.trans(k))
     if MASKED:
         keep = row_ok[:, None] & valid[None, :] & (tok[None, :] <= qpos[:, None])
         if USE_WINDOW:
@@ -127,7 +132,7 @@ def unified_attn_kernel(
     CDT: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_QQ: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_QDESC: tl.constexpr, HAS_KVDESC: tl.constexpr,
     HAS_OSCALE: tl.constexpr, OUT_FP8_MAX: tl.constexpr, NUM_SEGMENTS: tl.constexpr, BLOCKS_PER_SEQ: tl.constexpr,
-    OFFSET_BITS: tl.constexpr,
+    OFFSET_BITS: tl.constexpr, SAME_KV_OFFSETS: tl.constexpr,
 ):
     # query blocks on axis 0: the only axis allowed more than 65535 programs
     qblock = tl.program_id(0)
@@ -218,7 +223,7 @@ def unified_attn_kernel(
                 acc, m_i, l_i, q, t, offs_n, offs_d, d_ok, bt_row, num_logical_blocks, num_phys_blocks, kv_end,
                 k_base, v_base, s_kblk, s_ktok, s_vblk, s_vtok, qk_scale, softcap, row_ok, qt, qpos, ctx,
                 sliding_window, slope, qq_ptr, s_qq, HEAD_D, BLOCK_D, TILE_N, KV_BLOCK, s_kd, s_vd, CDT, USE_SOFTCAP,
-                USE_WINDOW, HAS_ALIBI, HAS_QQ, True, OFFSET_BITS)
+                USE_WINDOW, HAS_ALIBI, HAS_QQ, True, OFFSET_BITS, SAME_KV_OFFSETS)
     else:
         mid_lo = t_lo
     mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), t_hi)
@@ -227,13 +232,13 @@ def unified_attn_kernel(
             acc, m_i, l_i, q, t, offs_n, offs_d, d_ok, bt_row, num_logical_blocks, num_phys_blocks, kv_end,
             k_base, v_base, s_kblk, s_ktok, s_vblk, s_vtok, qk_scale, softcap, row_ok, qt, qpos, ctx,
             sliding_window, slope, qq_ptr, s_qq, HEAD_D, BLOCK_D, TILE_N, KV_BLOCK, s_kd, s_vd, CDT, USE_SOFTCAP,
-            USE_WINDOW, HAS_ALIBI, HAS_QQ, False, OFFSET_BITS)
+            USE_WINDOW, HAS_ALIBI, HAS_QQ, False, OFFSET_BITS, SAME_KV_OFFSETS)
     for t in range(mid_hi, t_hi):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, t, offs_n, offs_d, d_ok, bt_row, num_logical_blocks, num_phys_blocks, kv_end,
             k_base, v_base, s_kblk, s_ktok, s_vblk, s_vtok, qk_scale, softcap, row_ok, qt, qpos, ctx,
             sliding_window, slope, qq_ptr, s_qq, HEAD_D, BLOCK_D, TILE_N, KV_BLOCK, s_kd, s_vd, CDT, USE_SOFTCAP,
-            USE_WINDOW, HAS_ALIBI, HAS_QQ, True, OFFSET_BITS)
+            USE_WINDOW, HAS_ALIBI, HAS_QQ, True, OFFSET_BITS, SAME_KV_OFFSETS)
 
     o, lse = ta.online_softmax_finalize(acc, m_i, l_i)
     if HAS_KVDESC:

@@ -198,6 +198,7 @@ def kernel_args(q, k, v, out, cu_seqlens_q, seqused_k, block_table, *, softmax_s
         HAS_QDESC=q_descale is not None, HAS_KVDESC=use_kv_desc, HAS_OSCALE=output_scale is not None,
         OUT_FP8_MAX=out_fp8_max, NUM_SEGMENTS=p.num_segments, BLOCKS_PER_SEQ=p.blocks_per_seq,
         OFFSET_BITS=32 if max(ta.max_element_offset(k), ta.max_element_offset(v)) < 2**31 else 64,
+        SAME_KV_OFFSETS=k.stride()[:2] == v.stride()[:2],
     )
     return args, consts
 
