@@ -90,6 +90,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_utils import cdiv
+
 __all__ = [
     "LOG2E",
     "LN2",
@@ -411,7 +413,7 @@ def splitk_merge(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torc
         return out
     block_d = block_d or min(triton.next_power_of_2(head_dim), 256)
     block_k = min(max(triton.next_power_of_2(max(splits, 1)), 2), 32)
-    grid = (nrows, triton.cdiv(head_dim, block_d))
+    grid = (nrows, cdiv(head_dim, block_d))
     _splitk_merge_kernel[grid](
         partial_out, partial_lse, partial_sum if partial_sum is not None else partial_lse, out,
         lse_out if lse_out is not None else partial_lse,

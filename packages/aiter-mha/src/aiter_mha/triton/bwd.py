@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from aiter_core.triton_utils import cdiv
+
 from .configs import bwd_configs
 from .fwd import _load_kv_tile, _next_pow2, launch_params, window_bounds
 from .masking import (
@@ -511,7 +513,7 @@ def flash_bwd(do, q, k, v, out, lse, *, softmax_scale: float, causal: bool, wind
     block_dqk, block_dv = _next_pow2(p["d_qk"]), _next_pow2(p["d_v"])
 
     pre_block = 64
-    num_pre = triton.cdiv(p["max_sq"], pre_block)
+    num_pre = cdiv(p["max_sq"], pre_block)
     sink_partial = None
     if sink is not None:
         sink_partial = torch.zeros((batch, hq, num_pre), dtype=torch.float32, device=dev)
@@ -566,7 +568,7 @@ def flash_bwd(do, q, k, v, out, lse, *, softmax_scale: float, causal: bool, wind
     bias_arg = bias if bias is not None else dummy
     stride_bias_m = bias.stride(0) if bias is not None else 0
 
-    n_blocks = triton.cdiv(p["max_sk"], cfg_kv["BLOCK_N"])
+    n_blocks = cdiv(p["max_sk"], cfg_kv["BLOCK_N"])
     # few kv heads (GQA/MQA) and short keys leave most SMs idle when one program walks a whole
     # group: then one program per query head, partial dK/dV summed over the group on the host
     if split_group is None:
@@ -606,7 +608,7 @@ def flash_bwd(do, q, k, v, out, lse, *, softmax_scale: float, causal: bool, wind
     if dq_atomic:
         dq.copy_(dq_acc)  # dQ was accumulated by the dK/dV kernel
     else:
-        grid_q = (triton.cdiv(p["max_sq"], cfg_q["BLOCK_M"]), hq, batch)
+        grid_q = (cdiv(p["max_sq"], cfg_q["BLOCK_M"]), hq, batch)
         bwd_dq_kernel[grid_q](
             q, k, v, do, lse, delta, dq,
             *p["q_strides"], *p["k_strides"], *p["v_strides"], *_strides3(do, varlen),

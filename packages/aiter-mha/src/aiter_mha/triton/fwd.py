@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from aiter_core.triton_utils import cdiv
+
 from .configs import fwd_config
 from .masking import (
     LOG2E,
@@ -458,7 +460,7 @@ def flash_fwd(q, k, v, *, softmax_scale: float, causal: bool, window=(-1, -1, 0)
     cfg = dict(config) if config else fwd_config(p["d_qk"], p["d_v"], is_fp8=is_fp8, dropout=has_dropout,
                                                  causal=has_window, has_bias=bias is not None)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    grid = (triton.cdiv(p["max_sq"], block_m), hq, batch)
+    grid = (cdiv(p["max_sq"], block_m), hq, batch)
     if 0 in grid:  # nothing to compute (no queries, heads or sequences)
         return out, lse, s_dmask
     dummy = q

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from aiter_core.triton_utils import cdiv
+
 from .launch import next_pow2
 from .rope import rope_indices
 
@@ -164,7 +166,7 @@ def _launch_fused(q_nope, q_pe, k_nope, k_pe, kv_cache_rows, cache_head_stride, 
     one = torch.ones(1, dtype=torch.float32, device=q_nope.device)
     q_fp8, k_fp8 = _fp8_max(q_out.dtype), _fp8_max(kv_cache_rows.dtype)
     dqp = decode_q_pe_out
-    grid = (tokens, triton.cdiv(q_heads, BLOCK_HQ) + 1)
+    grid = (tokens, cdiv(q_heads, BLOCK_HQ) + 1)
     _fused_rope_cache_kernel[grid](
         q_nope, q_nope.stride(0), q_nope.stride(1), q_pe, q_pe.stride(0), q_pe.stride(1),
         k_nope, k_nope.stride(0), k_nope.stride(1), k_pe, k_pe.stride(0), k_pe.stride(1),

@@ -11,9 +11,9 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
-import triton
 
 from aiter_core.triton_attn import max_element_offset, splitk_merge
+from aiter_core.triton_utils import cdiv
 
 from .attention import mla_attn_kernel, mla_attn_persistent_kernel, mla_reduce_kernel
 
@@ -120,13 +120,13 @@ def auto_num_kv_splits(batch: int, avg_kv_tokens: float, num_heads: int, max_seq
       cost (Q load, partial store, merge) counted in KV tokens.
     Splits never go below ``cfg.BLOCK_N`` tokens each. Shapes only: no host sync.
     """
-    ctas = batch * triton.cdiv(num_heads, cfg.BLOCK_H) * triton.cdiv(max(1, max_seqlen_q), cfg.BLOCK_Q)
+    ctas = batch * cdiv(num_heads, cfg.BLOCK_H) * cdiv(max(1, max_seqlen_q), cfg.BLOCK_Q)
     slots = max(1, num_cu * cfg.ctas_per_sm)
     limit = max(1, min(MAX_SPLITS, int(avg_kv_tokens // cfg.BLOCK_N)))
     best, best_score = 1, -1.0
     for s in range(1, limit + 1):
         work = ctas * s
-        occupancy = work / (triton.cdiv(work, slots) * slots)
+        occupancy = work / (cdiv(work, slots) * slots)
         score = occupancy * avg_kv_tokens / (avg_kv_tokens + s * SPLIT_OVERHEAD_TOKENS)
         if score > best_score + 1e-9:
             best, best_score = s, score
@@ -225,7 +225,7 @@ def attention(q: Tensor, kv: Tensor, out: Tensor, *, qo_indptr: Tensor, max_seql
     batch = qo_indptr.numel() - 1
     if batch <= 0 or q.shape[0] == 0:
         return  # nothing to attend (an empty grid is not launched)
-    q_tiles = triton.cdiv(max(1, max_seqlen_q), config.BLOCK_Q)
+    q_tiles = cdiv(max(1, max_seqlen_q), config.BLOCK_Q)
     stride_page, stride_tok, stride_head = _kv_strides(kv)
     vbuf = kv if v is None else v
     v_page, v_tok, v_head = _kv_strides(vbuf)
@@ -241,7 +241,7 @@ def attention(q: Tensor, kv: Tensor, out: Tensor, *, qo_indptr: Tensor, max_seql
         l_dst = lse if lse is not None else one
         l_t, l_s, l_h = (lse.stride(0), 0, lse.stride(1)) if lse is not None else (0, 0, 0)
         o_dst = out
-    grid = (batch * q_tiles, triton.cdiv(num_heads, config.BLOCK_H), num_splits)
+    grid = (batch * q_tiles, cdiv(num_heads, config.BLOCK_H), num_splits)
     mla_attn_kernel[grid](
         q, q.stride(0), q.stride(1),
         kv, stride_page, stride_tok, stride_head,
@@ -326,7 +326,7 @@ def reduce(partial_o: Tensor, partial_lse: Tensor, reduce_indptr: Tensor, reduce
     po = partial_o.reshape(partial_o.shape[0], heads, d_v)
     pl = partial_lse.reshape(partial_lse.shape[0], heads)
     one = _f32_dummy(out.device)
-    grid = (tiles, max_seqlen_q, triton.cdiv(heads, MERGE_BLOCK_H))
+    grid = (tiles, max_seqlen_q, cdiv(heads, MERGE_BLOCK_H))
     mla_reduce_kernel[grid](
         po, po.stride(0), po.stride(1),
         pl, pl.stride(0), pl.stride(1),

@@ -26,7 +26,7 @@ import torch
 import triton
 
 from aiter_core import triton_attn as ta
-from aiter_core.triton_utils import interpreter_active
+from aiter_core.triton_utils import cdiv, interpreter_active
 
 from ..core import split_head_dim
 from ..layouts import PagedKV, ScaleAddressing
@@ -88,14 +88,14 @@ def choose_num_partitions(num_seqs: int, num_kv_heads: int, m_tiles: int, max_co
     env = os.environ.get("AITER_PA_NUM_PARTITIONS")
     if env:
         return max(1, int(env))
-    max_parts = triton.cdiv(max(max_context_len, 1), MIN_PART_TOKENS)
+    max_parts = cdiv(max(max_context_len, 1), MIN_PART_TOKENS)
     if max_parts <= 1:
         return 1
     ctas = max(1, num_seqs * num_kv_heads * m_tiles)
     target = (CTAS_PER_SM if kv_elem_bytes >= 2 else CTAS_PER_SM_8BIT) * (num_sms or _num_sms())
     if ctas >= target:
         return 1
-    return max(1, min(triton.cdiv(target, ctas), max_parts))
+    return max(1, min(cdiv(target, ctas), max_parts))
 
 
 def _kv_in_fp16(query_dtype: torch.dtype, kv_elem_bytes: int, has_new: bool) -> bool:
@@ -175,7 +175,7 @@ def prepare_launch(
         num_seqs = block_tables.shape[0] if kv_indptr is None else kv_indptr.shape[0] - 1
     block_m = block_m_for(gqa, max_qlen, Dv)
     d1, d2 = split_head_dim(D)
-    m_tiles = triton.cdiv(gqa * max_qlen, block_m)
+    m_tiles = cdiv(gqa * max_qlen, block_m)
     kv_bytes = 0.5 if k_quant == 3 else key_cache.element_size()
     cfg = config or default_config(max(D, Dv), kv_bytes, block_m)
     if Dv > 512:
@@ -189,7 +189,7 @@ def prepare_launch(
     if partition_size is not None:
         part_tokens = int(partition_size)
     else:
-        part_tokens = triton.cdiv(triton.cdiv(max(max_context_len, 1), P), cfg.block_n) * cfg.block_n
+        part_tokens = cdiv(cdiv(max(max_context_len, 1), P), cfg.block_n) * cfg.block_n
     split = P > 1
     phys_group = 1  # tokens per group sharing a block: a power of two dividing block, tile and partition
     while phys_group < 16 and all(v % (2 * phys_group) == 0 for v in (info.block_size, cfg.block_n, part_tokens)):

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from aiter_core import triton_attn as ta
+from aiter_core.triton_utils import cdiv
 
 from .kernel import unified_attn_kernel
 
@@ -110,9 +111,9 @@ def plan(*, num_tokens: int, num_seqs: int, heads_q: int, heads_kv: int, head_di
     elif num_segments is not None:
         segments = num_segments
     else:
-        seg_max = max(min(128, triton.cdiv(max(max_seqlen_k, 1), tile_n)), 1)
+        seg_max = max(min(128, cdiv(max(max_seqlen_k, 1), tile_n)), 1)
         seg_min = min(8, seg_max)
-        segments = triton.next_power_of_2(min(max(triton.cdiv(target, max(programs_2d, 1)), seg_min), seg_max))
+        segments = triton.next_power_of_2(min(max(cdiv(target, max(programs_2d, 1)), seg_min), seg_max))
         segments = max(segments, 2)
     num_warps = 8 if block_m * block_d >= 64 * 256 else 4
     # 2 stages for the big prefill tile (H100: 261 vs 226 TFLOP/s with 3) and above d128
@@ -137,7 +138,7 @@ def plans(*, num_tokens: int, num_seqs: int, heads_q: int, heads_kv: int, head_d
     if not main.use_2d or max_seqlen_q <= SHORT_Q or head_dim > 128 or skip_reduce:
         return (main,)
     short = plan(max_seqlen_q=SHORT_Q, force="2d", tile_n=tile_n, use_env_config=False, **shape)
-    per_seq = triton.cdiv(SHORT_Q, short.block_q)
+    per_seq = cdiv(SHORT_Q, short.block_q)
     short = replace(short, query_blocks=num_seqs * per_seq, blocks_per_seq=per_seq, qlen_hi=SHORT_Q)
     return short, replace(main, qlen_lo=SHORT_Q)
 
