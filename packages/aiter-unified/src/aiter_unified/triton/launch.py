@@ -7,14 +7,15 @@ captured in a CUDA graph (the segment buffers come from the caching allocator).
 Heuristic (:func:`plan`), starting from upstream's thresholds:
 
 * ``GROUP_P2 = next_pow2(Hq / Hk)``; ``BLOCK_M = max(16, GROUP_P2)`` when every sequence has at most
-  16 new tokens (decode, MTP), else ``max(128, GROUP_P2)`` (prefill rows feed bigger dots; the
-  H100 tile sweep of 8 x 2048 prefills, d128: 128 rows x 64 keys on 8 warps, 2 stages, 261
-  TFLOP/s against 231 for 64 rows and 4 warps); ``BLOCK_Q = BLOCK_M / GROUP_P2``; head dims
-  above 128 cap ``BLOCK_M`` at ``max(16, GROUP_P2)`` to bound registers and shared memory.
+  16 new tokens (decode, MTP), else ``max(64, GROUP_P2)`` (prefill rows feed bigger dots; the
+  H100 tile sweep of 8 x 2048 prefills, d128, after the K/V address change: 64 rows x 64 keys on
+  4 warps with 2 stages 306 TFLOP/s, 128 rows on 8 warps 293, 3 stages 273);
+  ``BLOCK_Q = BLOCK_M / GROUP_P2``; head dims above 128 cap ``BLOCK_M`` at ``max(16, GROUP_P2)``
+  to bound registers and shared memory.
 * ``TILE_N``: 64 key tokens per step for head dims up to 128, 32 above.
 * Mixed batches (``max_seqlen_q > 16``, single pass, head dim <= 128) run as two launches
   (:func:`plans`): sequences with at most 16 new tokens on the small decode tile, the rest on the
-  prefill tile. On one 128-row tile a decode sequence's 4 real rows would pay for 128 in every
+  prefill tile. On one 64-row tile a decode sequence's 4 real rows would pay for 64 in every
   dot (the H100 mixed shape ran 0.689 ms that way against 0.547 for aiter-mha + aiter-pa).
 * query blocks: ``num_seqs`` when ``max_seqlen_q == 1`` else ``num_tokens // BLOCK_Q + num_seqs``;
   ``programs_2d = query_blocks * Hk``.
@@ -89,7 +90,7 @@ def plan(*, num_tokens: int, num_seqs: int, heads_q: int, heads_kv: int, head_di
     group = heads_q // heads_kv
     group_p2 = triton.next_power_of_2(group)
     small_q = max_seqlen_q <= SHORT_Q or head_dim > 128
-    block_m = max(16 if small_q else 128, group_p2)
+    block_m = max(16 if small_q else 64, group_p2)
     block_q = block_m // group_p2
     tile_n = tile_n or (64 if head_dim <= 128 else 32)
     block_d = triton.next_power_of_2(head_dim)
@@ -116,8 +117,8 @@ def plan(*, num_tokens: int, num_seqs: int, heads_q: int, heads_kv: int, head_di
         segments = triton.next_power_of_2(min(max(cdiv(target, max(programs_2d, 1)), seg_min), seg_max))
         segments = max(segments, 2)
     num_warps = 8 if block_m * block_d >= 64 * 256 else 4
-    # 2 stages for the big prefill tile (H100: 261 vs 226 TFLOP/s with 3) and above d128
-    num_stages = 2 if head_dim > 128 or block_m * block_d >= 128 * 128 else 3
+    # 2 stages for prefill tiles (H100, 64 x 64 keys: 306 vs 273 TFLOP/s with 3) and above d128
+    num_stages = 2 if head_dim > 128 or not small_q else 3
     if tuned is not None:
         num_warps, num_stages = tuned[2], tuned[3]
     return Plan(group_p2, block_m, block_q, tile_n, block_d, query_blocks, segments, num_warps, num_stages,
