@@ -28,6 +28,11 @@ Device functions (all ``@triton.jit``)
     one tile of scores ``s [M, N]`` (log2 units); the caller rescales its accumulator by
     ``alpha[:, None]`` and adds ``p @ V``. Rows that saw only ``-inf`` keep ``m = -inf``, ``l = 0``
     and produce ``p = 0``, ``alpha = 0`` (no NaN).
+``online_softmax_step_scaled(m_i, l_i, s, scale_log2)``
+    the same on raw scores whose log2 value is ``s * scale_log2`` (``scale_log2 > 0``): the scale
+    rides in exp2's FMA (``online_softmax_step`` is this with 1.0).
+``saturate_to_fp16(x)``: ``x`` clamped to +-65504 as fp16 (a bf16 query meeting 8-bit KV in fp16
+    dots).
 ``online_softmax_finalize(acc, m_i, l_i) -> (out, lse)``
     ``out = acc / l`` (0 for empty rows) and the natural-log LSE (``-inf`` for empty rows).
 ``softcap_scores(s, softcap)``: ``softcap * tanh(s / softcap)``.
@@ -101,6 +106,8 @@ __all__ = [
     "KV_INT4_PER_TOKEN",
     "KV_PER_TENSOR",
     "online_softmax_step",
+    "online_softmax_step_scaled",
+    "saturate_to_fp16",
     "online_softmax_finalize",
     "softcap_scores",
     "paged_block_lookup",
@@ -132,14 +139,23 @@ KV_PER_TENSOR = 4
 
 
 @triton.jit
-def online_softmax_step(m_i, l_i, s):
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def online_softmax_step_scaled(m_i, l_i, s, scale_log2):
+    """One online-softmax step on raw scores ``s`` whose log2-domain value is ``s * scale_log2``
+    (``scale_log2 > 0``; masked scores -inf): the scale rides in the exponent's FMA instead of a
+    separate multiply over the whole tile. ``m_i`` is in the log2 domain."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
     # rows that have seen only -inf: subtract 0 instead of -inf so exp2 gives 0, never NaN
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(s - m_safe[:, None])
+    p = tl.math.exp2(s * scale_log2 - m_safe[:, None])
     l_new = l_i * alpha + tl.sum(p, 1)
     return m_new, alpha, p, l_new
+
+
+@triton.jit
+def online_softmax_step(m_i, l_i, s):
+    """:func:`online_softmax_step_scaled` on scores already in log2 units (x * 1.0 folds away)."""
+    return online_softmax_step_scaled(m_i, l_i, s, 1.0)
 
 
 @triton.jit
@@ -147,19 +163,6 @@ def saturate_to_fp16(x):
     """``x`` as fp16, clamped to +-65504: a bf16/fp32 query meeting 8-bit KV tiles in fp16 dots
     (fp8 -> fp16 is one cheap conversion, fp8 -> bf16 is not) must not overflow to inf."""
     return tl.minimum(tl.maximum(x.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
-
-
-@triton.jit
-def online_softmax_step_scaled(m_i, l_i, s, scale_log2):
-    """:func:`online_softmax_step` on raw scores ``s`` whose log2-domain value is
-    ``s * scale_log2`` (``scale_log2 > 0``; masked scores -inf): the scale rides in the exponent's
-    FMA instead of a separate multiply over the whole tile. ``m_i`` is in the log2 domain."""
-    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(s * scale_log2 - m_safe[:, None])
-    l_new = l_i * alpha + tl.sum(p, 1)
-    return m_new, alpha, p, l_new
 
 
 @triton.jit
