@@ -1,5 +1,6 @@
 import sys
 import textwrap
+from typing import NamedTuple
 
 import pytest
 
@@ -18,8 +19,8 @@ def _impl_slow(x):
 HERE = __name__
 
 
-def spec(backend, priority, *, available=None, supports=None, op="demo_op", impl="_impl_slow"):
-    return BackendSpec(op=op, backend=backend, impl=f"{HERE}:{impl}", priority=priority, available=available, supports=supports)
+def spec(backend, priority, *, available=None, supports=None, op="demo_op", impl=_impl_slow):
+    return BackendSpec(op=op, backend=backend, impl=impl, priority=priority, available=available, supports=supports)
 
 
 def only_fp16(problem):
@@ -31,7 +32,7 @@ def reg(monkeypatch):
     monkeypatch.delenv("AITER_DEMO_OP_BACKEND", raising=False)
     monkeypatch.delenv("AITER_DISABLE_BACKENDS", raising=False)
     r = Registry(discover=False)
-    r.register(spec("fast", 10, supports=only_fp16, impl="_impl_fast"))
+    r.register(spec("fast", 10, supports=only_fp16, impl=_impl_fast))
     r.register(spec("reference", 0))
     return r
 
@@ -197,10 +198,90 @@ def test_dtype_reasons():
 def test_reference_specs_helper():
     from aiter_core.registry import always_available, reference_specs
 
-    out = reference_specs(("op_a", "op_b"), "pkg.backends", priority=3)
+    out = reference_specs({"op_a": _impl_fast, "op_b": _impl_slow}, priority=3)
     assert [(s.op, s.backend, s.impl, s.priority, s.cuda_graph) for s in out] == [
-        ("op_a", "reference", "pkg.backends:reference_op_a", 3, False),
-        ("op_b", "reference", "pkg.backends:reference_op_b", 3, False)]
+        ("op_a", "reference", _impl_fast, 3, False),
+        ("op_b", "reference", _impl_slow, 3, False)]
     assert all(s.available is always_available and s.supports is None for s in out)
-    picky = reference_specs(("op_a",), "pkg.backends", supports=lambda p: ["no"])
+    picky = reference_specs({"op_a": _impl_fast}, supports=lambda p: ["no"])
     assert picky[0].supports(None) == ["no"]
+
+
+def test_string_impl_is_resolved_once():
+    r = Registry(discover=False)
+    r.register(BackendSpec(op="demo_op", backend="plugin", impl=f"{HERE}:_impl_fast"))
+    assert r.dispatch("demo_op")(3) == ("fast", 3)
+
+
+class _Key(NamedTuple):
+    dtype: str
+
+
+class _Call(NamedTuple):
+    x: int
+    key: _Key
+    backend: str | None = None
+
+
+def test_run_caches_the_choice_per_key(reg):
+    seen = []
+
+    def counting_supports(problem):
+        seen.append(problem.dtype)
+        return only_fp16(problem)
+
+    reg.register(spec("fast", 10, supports=counting_supports, impl=_impl_fast))
+    for _ in range(3):
+        assert reg.run("demo_op", _Call(1, _Key("fp16"))) == ("fast", _Call(1, _Key("fp16")))
+        assert reg.run("demo_op", _Call(2, _Key("bf16"))) == ("slow", _Call(2, _Key("bf16")))
+    assert seen == ["fp16", "bf16"]  # supports() ran once per key
+    call = _Call(3, _Key("fp16"), backend="reference")  # an explicit backend= is its own cache entry
+    assert reg.run("demo_op", call) == ("slow", call)
+
+
+def test_run_cache_sees_backend_env_and_new_registrations(reg, monkeypatch):
+    key = _Key("fp16")
+    assert reg.impl_for("demo_op", key) is _impl_fast
+    monkeypatch.setenv("AITER_DEMO_OP_BACKEND", "reference")
+    assert reg.impl_for("demo_op", key) is _impl_slow
+    monkeypatch.delenv("AITER_DEMO_OP_BACKEND")
+    monkeypatch.setenv("AITER_DISABLE_BACKENDS", "demo_op.fast")
+    assert reg.impl_for("demo_op", key) is _impl_slow
+    monkeypatch.delenv("AITER_DISABLE_BACKENDS")
+    assert reg.impl_for("demo_op", key) is _impl_fast
+
+    def newest(x):
+        return ("newest", x)
+
+    reg.register(spec("newer", 50, impl=newest))
+    assert reg.impl_for("demo_op", key) is newest
+
+
+def test_same_pair_from_two_distributions_is_an_error(reg):
+    from dataclasses import replace
+
+    from aiter_core.registry import DuplicateBackendError
+
+    ours = replace(spec("triton", 5, op="other_op"), distribution="aiter-demo 1.0")
+    reg.register(ours)
+    theirs = replace(spec("triton", 99, op="other_op", impl=_impl_fast), distribution="evil-plugin 6.6")
+    with pytest.raises(DuplicateBackendError, match="evil-plugin 6.6.*aiter-demo 1.0"):
+        reg.register(theirs)
+    assert reg.select("other_op").distribution == "aiter-demo 1.0"
+    reg.register(replace(theirs, replaces=True))  # asked for on purpose
+    assert reg.select("other_op").distribution == "evil-plugin 6.6"
+    reg.register(replace(theirs, priority=7, replaces=False))  # the same distribution updates its own entry
+    assert reg.select("other_op").priority == 7
+
+
+
+def test_plugin_calling_sys_exit_is_isolated(tmp_path, monkeypatch):
+    _write_dist(tmp_path, "demo-exit", "0.1", "[aiter.backends]\nexits = demo_exit_mod:specs\n"
+                "[aiter.families]\nexits = demo_exit_mod:FAMILY\n", "demo_exit_mod", "import sys\nsys.exit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry()
+    reg.ops()
+    errors = [e for e in reg.plugin_errors() if e.distribution == "demo-exit 0.1"]
+    assert len(errors) == 2 and all("SystemExit" in e.error for e in errors)
+    assert "core" in [f.name for f in reg.families()]  # the others still load
+    sys.modules.pop("demo_exit_mod", None)

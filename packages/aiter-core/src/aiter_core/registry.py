@@ -2,12 +2,20 @@
 
 Packages declare backends in the entry-point group ``aiter.backends``. An entry resolves to a
 callable returning :class:`BackendSpec` objects: cheap descriptions (op, backend kind, priority,
-an availability check, a ``supports(problem)`` check, and the import path of the implementation,
-imported on first use). Discovery happens once per process, on first use, never at import; it
-initialises no device and builds nothing. A plugin that fails to load is logged with its
-distribution and skipped; :func:`plugin_errors` lists them.
+an availability check, a ``supports(key)`` check, and the implementation: a function object, or
+for a third-party plugin that wants it imported late a ``"module:attr"`` path). Discovery happens
+once per process, on first use, never at import; it initialises no device and builds nothing. A
+plugin that fails to load (any exception, ``SystemExit`` included) is logged with its
+distribution and skipped; :func:`plugin_errors` lists them. Two distributions declaring the same
+(op, backend) pair is an error naming both, unless the newcomer sets ``replaces=True``.
 
-Selection for ``dispatch(op, problem, backend=None)``:
+The hot path is :func:`run` (``run(op, call)``): ``call`` is the op's validated Call (built by the
+family's ``checks`` module), ``call.key`` a hashable description of what decides the backend
+(device type, dtypes, head dims, features) and ``call.backend`` the caller's explicit choice. The
+backend chosen for ``(op, key, backend, AITER_<OP>_BACKEND, AITER_DISABLE_BACKENDS)`` is cached;
+a new registration empties the cache, and a changed environment variable is a new cache key.
+
+Selection for ``select(op, key, backend=None)`` (and ``dispatch``, which also loads the function):
 1. an explicit ``backend=`` argument;
 2. the environment variable ``AITER_<OP>_BACKEND`` (e.g. ``AITER_MHA_FWD_BACKEND=reference``);
 3. otherwise the highest-priority backend that is available and whose ``supports`` returns no
@@ -30,7 +38,9 @@ import threading
 from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
+
+from . import env
 
 log = logging.getLogger("aiter_core")
 
@@ -40,21 +50,23 @@ FAMILIES_GROUP = "aiter.families"
 
 
 class Problem(SimpleNamespace):
-    """Attributes describing one call (device, dtypes, shapes, features) for ``supports``."""
+    """Attributes describing one call for ``supports``, where no Call key is at hand (``explain``
+    from a user, tests). A family's Call key (a NamedTuple) has the same attributes."""
 
 
 @dataclass(frozen=True)
 class BackendSpec:
     op: str  # "mha_fwd"
     backend: str  # "triton" | "cpp" | "asm" | "reference" | a third-party name
-    impl: str  # "package.module:function", imported on first use
+    impl: Callable | str  # the function taking the op's Call; or "package.module:function", imported on first use
     priority: int = 0  # higher wins in automatic selection
     available: Callable[[], str | None] | None = None  # None = runs here, else why not
-    supports: Callable[[Any], Sequence[str]] | None = None  # reasons it cannot run `problem`
+    supports: Callable[[Any], Sequence[str]] | None = None  # reasons it cannot run a call with this key
     api_version: int = PLUGIN_API_VERSION
     cuda_graph: bool = True  # safe to call inside CUDA-graph capture
     description: str = ""
     distribution: str = ""  # "aiter-mha 0.1.0", filled in by discovery
+    replaces: bool = False  # take the place of an existing (op, backend) pair of another distribution
 
     @property
     def name(self) -> str:
@@ -67,6 +79,8 @@ class Family:
     distribution: str  # "aiter-mha"
     smoke: str = ""  # "module:function" -> fn() raising on failure, returning a one-line summary
     bench: str = ""  # "module:function" -> fn(argv: list[str]) -> int
+    host: str = ""  # "module:function" -> fn(device) -> list[aiter_core.host.HostCase], one per public op
+    warmup: str = ""  # "module:function" -> fn(device) -> list[HostCase] compiling the default specialisations
     ops: tuple[str, ...] = ()
     version: str = ""  # filled in by discovery
 
@@ -93,6 +107,28 @@ class UnsupportedError(RuntimeError):
         super().__init__("\n".join(lines))
 
 
+class DuplicateBackendError(ValueError):
+    """Two distributions declared the same (op, backend) pair; neither silently wins."""
+
+    def __init__(self, new: BackendSpec, old: BackendSpec):
+        self.new, self.old = new, old
+        super().__init__(
+            f"backend {new.name!r} is declared by {new.distribution or 'local code'} and already by "
+            f"{old.distribution or 'local code'}; the second declaration is ignored (set "
+            "BackendSpec(replaces=True, priority=...) to take its place on purpose)")
+
+
+def _backend_env_key(op: str) -> Any:
+    key = _BACKEND_ENV_KEYS.get(op)
+    if key is None:
+        key = _BACKEND_ENV_KEYS[op] = env.environ_key(f"AITER_{op.upper()}_BACKEND")
+    return key
+
+
+_BACKEND_ENV_KEYS: dict[str, Any] = {}
+_DISABLE_ENV_KEY = env.environ_key("AITER_DISABLE_BACKENDS")
+
+
 def _reasons(value: Any) -> list[str]:
     if not value:
         return []
@@ -116,6 +152,7 @@ class Registry:
         self._errors: list[PluginError] = []
         self._impls: dict[str, Callable] = {}
         self._availability: dict[str, str | None] = {}
+        self._selected: dict[tuple, Callable] = {}  # (op, key, backend, env choice, env disabled) -> impl
 
     # -- discovery -------------------------------------------------------------------------
     def _ensure(self) -> None:
@@ -150,11 +187,17 @@ class Registry:
                         f"{spec.name} targets aiter plugin API {spec.api_version}, "
                         f"this aiter-core speaks {PLUGIN_API_VERSION}: upgrade the package"
                     )
-        except Exception as exc:  # one broken plugin must not take the others down
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - one broken plugin (even sys.exit()) must not take the others down
             self._record_error(BACKENDS_GROUP, ep, exc)
             return
         for spec in specs:
-            self._add(replace(spec, distribution=spec.distribution or _dist_label(ep)))
+            spec = replace(spec, distribution=spec.distribution or _dist_label(ep))
+            try:
+                self._add(spec)
+            except DuplicateBackendError as exc:
+                self._record_error(BACKENDS_GROUP, ep, exc)
 
     def _load_family(self, ep) -> None:
         try:
@@ -162,7 +205,9 @@ class Registry:
             family = obj() if callable(obj) and not isinstance(obj, Family) else obj
             if not isinstance(family, Family):
                 raise TypeError(f"expected an aiter_core.Family, got {type(family).__name__}")
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - see _load_backends
             self._record_error(FAMILIES_GROUP, ep, exc)
             return
         dist = getattr(ep, "dist", None)
@@ -171,16 +216,23 @@ class Registry:
 
     def _add(self, spec: BackendSpec) -> None:
         with self._lock:
-            same = [s for s in self._specs.get(spec.op, []) if s.backend != spec.backend]
+            current = self._specs.get(spec.op, [])
+            clash = next((s for s in current if s.backend == spec.backend), None)
+            if clash is not None and not spec.replaces and clash.distribution != spec.distribution:
+                raise DuplicateBackendError(spec, clash)
+            same = [s for s in current if s.backend != spec.backend]
             same.append(spec)
             same.sort(key=lambda s: -s.priority)
             self._specs[spec.op] = same
             self._impls.pop(spec.name, None)
             self._availability.pop(spec.name, None)
+            self._selected.clear()
 
     # -- public API ------------------------------------------------------------------------
     def register(self, spec: BackendSpec) -> None:
-        """Add (or replace, by op and backend) a backend without an entry point."""
+        """Add a backend without an entry point. The same (op, backend) pair again replaces the
+        earlier one when both come from the same distribution (or ``spec.replaces`` is set);
+        otherwise :class:`DuplicateBackendError`."""
         self._ensure()
         self._add(spec)
 
@@ -259,13 +311,27 @@ class Registry:
     def load_impl(self, spec: BackendSpec) -> Callable:
         fn = self._impls.get(spec.name)
         if fn is None:
-            fn = resolve(spec.impl)
+            fn = resolve(spec.impl) if isinstance(spec.impl, str) else spec.impl
             self._impls[spec.name] = fn
         return fn
 
     def dispatch(self, op: str, problem: Any = None, backend: str | None = None) -> Callable:
         """The implementation that should run ``problem`` (see the module docstring)."""
         return self.load_impl(self.select(op, problem, backend))
+
+    def impl_for(self, op: str, key: Hashable, backend: str | None = None) -> Callable:
+        """:meth:`dispatch` for a hashable Call key, cached (see the module docstring)."""
+        environ = env.raw_environ()
+        cache_key = (op, key, backend, environ.get(_backend_env_key(op)), environ.get(_DISABLE_ENV_KEY))
+        fn = self._selected.get(cache_key)
+        if fn is None:
+            fn = self.dispatch(op, key, backend)
+            self._selected[cache_key] = fn
+        return fn
+
+    def run(self, op: str, call: Any) -> Any:
+        """Run a validated Call on the backend chosen for its key: the path of every op."""
+        return self.impl_for(op, call.key, call.backend)(call)
 
     def explain(self, op: str, problem: Any = None) -> str:
         """A table of every backend of ``op``: priority, origin, and why it would (not) run."""
@@ -341,28 +407,27 @@ def dispatch(op: str, problem: Any = None, backend: str | None = None) -> Callab
     return _REGISTRY.dispatch(op, problem, backend)
 
 
+def run(op: str, call: Any) -> Any:
+    """Run a family's validated Call on its cached backend (``call.key``, ``call.backend``)."""
+    return _REGISTRY.run(op, call)
+
+
 def explain(op: str, problem: Any = None) -> str:
     return _REGISTRY.explain(op, problem)
 
 
-def specs_for(ops_: Iterable[str], **fields) -> list[BackendSpec]:
-    """One spec per op with the same fields; ``impl`` may contain ``{op}``."""
-    out = []
-    for op in ops_:
-        kw = dict(fields)
-        kw["impl"] = kw["impl"].format(op=op)
-        out.append(BackendSpec(op=op, **kw))
-    return out
+def specs_for(impls: Mapping[str, Callable], **fields) -> list[BackendSpec]:
+    """One spec per ``op: implementation`` pair of ``impls``, all with the same other fields."""
+    return [BackendSpec(op=op, impl=impl, **fields) for op, impl in impls.items()]
 
 
-def reference_specs(ops_: Iterable[str], module: str, *, priority: int = 0,
+def reference_specs(impls: Mapping[str, Callable], *, priority: int = 0,
                     supports: Callable[[Any], Sequence[str]] | None = None) -> list[BackendSpec]:
-    """The ``reference`` backend of each op: ``{module}:reference_{op}``, available everywhere,
-    never under CUDA-graph capture (a PyTorch reference syncs with the host). ``supports=None``
-    accepts every problem."""
-    return specs_for(ops_, backend="reference", impl=module + ":reference_{op}", priority=priority,
-                     available=always_available, supports=supports, cuda_graph=False,
-                     description="PyTorch reference (any device; syncs with the host, not for CUDA graphs)")
+    """The ``reference`` backend of each ``op: implementation`` pair, available everywhere, never
+    under CUDA-graph capture (a PyTorch reference syncs with the host). ``supports=None`` accepts
+    every call."""
+    return specs_for(impls, backend="reference", priority=priority, available=always_available, supports=supports,
+                     cuda_graph=False, description="PyTorch reference (any device; syncs with the host, not for CUDA graphs)")
 
 
 # -- availability checks shared by the families' specs ----------------------------------------
@@ -433,6 +498,7 @@ __all__ = [
     "Problem",
     "Registry",
     "UnsupportedError",
+    "DuplicateBackendError",
     "always_available",
     "dispatch",
     "explain",
@@ -443,6 +509,7 @@ __all__ = [
     "plugin_errors",
     "register",
     "resolve",
+    "run",
     "select",
     "specs",
     "specs_for",

@@ -16,7 +16,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 __all__ = ["cdiv", "interpreter_active", "triton_imported_as_interpreter", "check_interpreter_consistent", "autotune",
-           "pinned_config"]
+           "pinned_config", "install_compile_notice", "compile_notice"]
 
 # Triton reads booleans from the environment with these spellings (triton.knobs.env_bool).
 _TRUE_SPELLINGS = frozenset({"1", "true", "yes", "on", "y"})
@@ -165,3 +165,72 @@ def autotune(
         return triton.autotune(configs, key, prune_configs_by=prune_configs_by, **kwargs)(fn)
 
     return decorator
+
+
+# -- first-call compile notice ----------------------------------------------------------------
+# A kernel specialisation compiles on its first call, for seconds, and Triton prints nothing. The
+# hooks below (Triton calls them around every compile it does in this process) log one line when
+# an aiter kernel's compile passes AITER_COMPILE_NOTICE_S (default 1 s): the first such line of a
+# process is a warning that names `aiter warmup`, later ones are info. Hooks that someone else set
+# keep running: ours calls them.
+
+_NOTICE_LOG = "aiter_core.compile"
+_compile_started: dict[Any, float] = {}
+_compile_notices = {"count": 0}
+_hooks_installed = {"done": False}
+
+
+def _notice_threshold() -> float:
+    from . import env
+
+    try:
+        return float(env.get("AITER_COMPILE_NOTICE_S") or 1.0)
+    except ValueError:
+        return 1.0
+
+
+def _is_ours(fn: Any) -> bool:
+    return str(getattr(fn, "module", "")).startswith("aiter_")
+
+
+def compile_notice(name: str, seconds: float) -> None:
+    """Log that ``name`` compiled for ``seconds`` (the first notice of a process as a warning)."""
+    import logging
+
+    log = logging.getLogger(_NOTICE_LOG)
+    _compile_notices["count"] += 1
+    if _compile_notices["count"] == 1:
+        log.warning("aiter: compiling %s took %.1f s (first call of this kernel specialisation in this process; "
+                    "later compiles are logged at INFO). `aiter warmup` compiles the default specialisations "
+                    "ahead of serving; Triton's disk cache keeps them for the next process.", name, seconds)
+    else:
+        log.info("aiter: compiled %s in %.1f s", name, seconds)
+
+
+def install_compile_notice() -> None:
+    """Install the compile-notice hooks once per process (kernel modules call this on import)."""
+    if _hooks_installed["done"] or interpreter_active():
+        return
+    import time
+
+    from triton import knobs
+
+    runtime = knobs.runtime
+    previous_start, previous_end = runtime.jit_cache_hook, runtime.jit_post_compile_hook
+
+    def on_start(*args, **kwargs):
+        if _is_ours(kwargs.get("fn")):
+            _compile_started[id(kwargs.get("key"))] = time.perf_counter()
+        return previous_start(*args, **kwargs) if previous_start else None
+
+    def on_end(*args, **kwargs):
+        started = _compile_started.pop(id(kwargs.get("key")), None)
+        if started is not None:
+            seconds = time.perf_counter() - started
+            if seconds >= _notice_threshold():
+                fn = kwargs.get("fn")
+                compile_notice(f"{getattr(fn, 'module', '?')}.{getattr(fn, 'name', '?')}", seconds)
+        return previous_end(*args, **kwargs) if previous_end else None
+
+    runtime.jit_cache_hook, runtime.jit_post_compile_hook = on_start, on_end
+    _hooks_installed["done"] = True
