@@ -285,3 +285,19 @@ def test_core_smoke_and_bench_on_the_gpu(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "core_ceilings.json").read_text())
     assert data["ceilings"]["copy_tbps"] > 0.05 and data["ceilings"]["matmul_tflops"] > 1
     assert {r["op"] for r in data["rows"]} == {"copy", "matmul"}
+
+
+def test_info_shows_caches_and_set_variables(fake_registry, monkeypatch, capsys):
+    monkeypatch.setenv("AITER_NUM_CU", "132")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/tmp/some-triton-cache")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "triton /tmp/some-triton-cache" in out and "C++ JIT" in out
+    assert "AITER_NUM_CU=132" in out
+
+
+def test_warmup_and_bench_host_need_a_gpu(fake_registry, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_gpu_present", lambda: False)
+    assert cli.main(["warmup"]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
+    assert cli.main(["bench", "host"]) == 2

@@ -75,3 +75,97 @@ def test_fullgraph_compile_with_mutation_and_backward():
 def test_bad_name():
     with pytest.raises(ValueError, match="op name must be a Python identifier"):
         register_op("bad-name", _softplus_impl, mutates_args=(), fake=_softplus_fake)
+
+
+# -- declare_op: the one way a family declares an op ---------------------------------------------
+
+from typing import NamedTuple, Optional  # noqa: E402
+
+from aiter_core import registry as _registry  # noqa: E402
+from aiter_core.ops import declare_op  # noqa: E402
+
+
+class _Key(NamedTuple):
+    device_type: str
+
+
+class _ScaleCall(NamedTuple):
+    out: torch.Tensor
+    x: torch.Tensor
+    scale: float
+    key: _Key
+    backend: Optional[str]
+
+
+def _check_scale(out: torch.Tensor, x: torch.Tensor, scale: float, backend: Optional[str] = None) -> _ScaleCall:
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    return _ScaleCall(out, x, scale, _Key(x.device.type), backend)
+
+
+def _scale_impl(call: _ScaleCall) -> None:
+    call.out.copy_(call.x * call.scale)
+
+
+_registry.register(_registry.BackendSpec(op="test_declared_scale", backend="reference", impl=_scale_impl))
+_SCALE = declare_op("test_declared_scale", _check_scale, mutates_args=("out",))
+
+
+def test_declared_op_validates_on_every_path():
+    x = torch.randn(5)
+    out = torch.empty(5)
+    _SCALE(out, x, 2.0)
+    torch.testing.assert_close(out, x * 2)
+    for call in (_SCALE, torch.ops.aiter.test_declared_scale):
+        with pytest.raises(ValueError, match="scale must be > 0, got -1.0"):
+            call(out, x, -1.0)
+    assert "Tensor(a0!) out" in str(torch.ops.aiter.test_declared_scale.default._schema)
+
+
+def test_declared_op_under_compile_and_opcheck():
+    x = torch.randn(5)
+    out = torch.empty(5)
+    torch.library.opcheck(torch.ops.aiter.test_declared_scale.default, (out, x, 3.0))
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(out, x):
+        _SCALE(out, x, 3.0)
+        return out + 1
+
+    torch.testing.assert_close(f(out, x), x * 3 + 1)
+
+
+def test_declare_op_needs_a_backend_argument():
+    def no_backend(x: torch.Tensor) -> None:
+        return None
+
+    with pytest.raises(TypeError, match="backend"):
+        declare_op("test_no_backend", no_backend, mutates_args=())
+
+
+def test_compile_notice_hooks_chain_and_log(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    triton = pytest.importorskip("triton")
+    from aiter_core import triton_utils
+
+    seen = []
+    monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", lambda **kw: seen.append("theirs-start"))
+    monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook", lambda **kw: seen.append("theirs-end"))
+    monkeypatch.setattr(triton_utils, "_hooks_installed", {"done": False})
+    monkeypatch.setattr(triton_utils, "_compile_notices", {"count": 0})
+    monkeypatch.setattr(triton_utils, "interpreter_active", lambda: False)
+    monkeypatch.setenv("AITER_COMPILE_NOTICE_S", "0")
+    caplog.set_level("INFO", logger="aiter_core.compile")
+    triton_utils.install_compile_notice()
+    ours = SimpleNamespace(module="aiter_demo.triton.kernels", name="demo_kernel")
+    other = SimpleNamespace(module="someone_else", name="k")
+    for fn in (ours, other, ours):
+        key = object()
+        triton.knobs.runtime.jit_cache_hook(key=key, fn=fn)
+        triton.knobs.runtime.jit_post_compile_hook(key=key, fn=fn)
+    assert seen == ["theirs-start", "theirs-end"] * 3
+    records = [r for r in caplog.records if r.name == "aiter_core.compile"]
+    assert [r.levelname for r in records] == ["WARNING", "INFO"]  # ours twice, the other kernel never
+    assert "aiter_demo.triton.kernels.demo_kernel" in records[0].getMessage()
+    assert "aiter warmup" in records[0].getMessage()

@@ -682,3 +682,11 @@ def smoke_instead(family: str, smoke_run) -> int:
     print(smoke_run())
     return 0
 
+
+
+if __name__ == "__main__":  # `python -m aiter_core.bench host`: the host cost of every op (aiter_core.host)
+    if sys.argv[1:2] != ["host"]:
+        sys.exit("usage: python -m aiter_core.bench host [options]  (the families' benchmarks: aiter bench FAMILY)")
+    from .host import main as _host_main
+
+    sys.exit(_host_main(sys.argv[2:]))

@@ -6,6 +6,10 @@
     aiter bench [family ...] [-- args]
                                      the families' benchmarks; without a GPU, the correctness demo
                                      (the smoke tests, Triton kernels in the CPU interpreter)
+    aiter bench host [-- args]       host microseconds per eager call of every op next to torch
+                                     SDPA's, and first-call compile times (aiter_core.host)
+    aiter warmup [family ...]        compile the families' default kernel specialisations into
+                                     Triton's disk cache ahead of serving
 
 This module imports neither Triton nor anything that does at module level: on a machine without
 GPU, :func:`main` must set ``TRITON_INTERPRET=1`` before the first Triton kernel is defined.
@@ -53,6 +57,7 @@ def _fmt_dtype(dtype: Any) -> str:
 def _collect_info() -> dict[str, Any]:
     import aiter_core
 
+    from . import env as _env
     from . import registry
     from .arch import get_arch_info
     from .bench import environment_info
@@ -102,6 +107,8 @@ def _collect_info() -> dict[str, Any]:
         "families": families,
         "ops": ops,
         "plugin_errors": errors,
+        "environment": _env.set_variables(),
+        "caches": {"triton": _env.triton_cache_dir(), "jit": _env.jit_cache_dir()},
     }
 
 
@@ -125,6 +132,10 @@ def _print_info(info: dict[str, Any]) -> None:
     print(f"versions: torch {v['torch_version']} ({gpu_stack}), triton {v['triton_version'] or 'not installed'}, "
           f"python {v['python_version']}")
     print(f"triton:   {info['triton_mode']}")
+    print(f"caches:   triton {info['caches']['triton']}, C++ JIT {info['caches']['jit']}")
+    set_vars = info["environment"]
+    print("AITER_*:  " + (", ".join(f"{k}={v}" for k, v in set_vars.items()) if set_vars else
+                          "none set (every variable: aiter_core.env.VARIABLES)"))
     print()
     print("families:")
     if not info["families"]:
@@ -225,6 +236,13 @@ def _interpreting() -> bool:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .registry import resolve
 
+    if args.families == ["host"]:
+        if not _gpu_present():
+            print("aiter bench host: no GPU, host cost per launch needs one", file=sys.stderr)
+            return 2
+        from .host import main as host_main
+
+        return host_main(list(args.extra))
     fallback = None
     if not _gpu_present():
         fallback = NO_GPU_MESSAGE
@@ -259,6 +277,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_warmup(args: argparse.Namespace) -> int:
+    if not _gpu_present() or _interpreting():
+        print("aiter warmup: compiles GPU kernels and needs a GPU (none found, or TRITON_INTERPRET=1)", file=sys.stderr)
+        return 2
+    from .env import triton_cache_dir
+    from .host import warmup
+
+    names = [f.name for f in _select_families(args.families)]
+    calls, seconds = warmup("cuda", names)
+    print(f"aiter warmup: {calls} calls compiled or loaded in {seconds:.1f} s into {triton_cache_dir()}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -267,14 +298,15 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="aiter", description="aiter attention kernels: device info, checks, benchmarks")
     parser.add_argument("--version", action="version", version=f"aiter-core {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{info,check,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{info,check,bench,warmup}")
     p_info = sub.add_parser("info", help="device, arch, versions, families and backends available here")
     p_info.add_argument("--json", action="store_true", help="machine-readable output")
     p_info.set_defaults(func=cmd_info)
     for name, func, text in (
         ("check", cmd_check, "run the families' smoke tests against their references on this device"),
         ("bench", cmd_bench, "run the families' benchmarks (arguments after -- go to each family's benchmark); "
-                             "without a GPU, runs the correctness demo"),
+                             "without a GPU, runs the correctness demo; `aiter bench host` times each op's host cost"),
+        ("warmup", cmd_warmup, "compile the families' default kernel specialisations ahead of serving"),
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("families", nargs="*", help="family names (default: all installed)")
