@@ -270,3 +270,28 @@ def test_cuda_sources_target_the_device_arch(tmp_path, cache, monkeypatch):
         assert own.extra_cuda_cflags == ("-gencode=arch=compute_80,code=sm_80",)
     finally:
         arch.clear_cache()
+
+
+@needs_build_tools
+def test_truncated_cached_library_is_rebuilt(cache):
+    flags = ["-DAITER_TRUNCATED_TEST"]
+    spec = jit.jit_spec("jit_tiny", TINY, extra_cflags=flags)
+    jit.load_module("jit_tiny", TINY, extra_cflags=flags)
+    meta = json.loads((spec.directory / "aiter_jit.json").read_text())
+    library = spec.directory / meta["library"]
+    head = library.read_bytes()[:100]
+    library.unlink()  # a new file: this process still maps the old one
+    library.write_bytes(head)  # a copy cut short
+    code = """
+        from aiter_core import jit
+        m = jit.load_module("jit_tiny", %r, extra_cflags=%r)
+        print(m.add(1, 2), jit.build_count())
+        """ % (str(TINY), flags)
+    # fresh processes (this one has the library loaded already): refused with the fix, then rebuilt
+    proc = _run_python(code, {"AITER_JIT_DISABLE": "1"})
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "cannot be imported" in err and "delete that directory" in err
+    proc = _run_python(code, {})
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert out.split() == ["3", "1"] and "rebuilding it" in err

@@ -400,24 +400,42 @@ def _load(spec: JitSpec, *, verbose: bool, allow_build: bool) -> ModuleType:
                     f"you deploy, run the same code once or call aiter_core.jit.prebuild('{spec.name}', ...) "
                     f"with the same arguments, then ship that directory." + _other_builds(spec)
                 )
-            from filelock import FileLock, Timeout
-
-            spec.lock_path.parent.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(str(spec.lock_path))
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                log.warning("aiter: waiting for another process building '%s' (%s)", spec.name, spec.lock_path)
-                lock.acquire()
-            try:
-                meta = _read_metadata(spec.directory)  # someone may have finished while we waited
-                if meta is None:
-                    meta = _build(spec, verbose)
-            finally:
-                lock.release()
-        module = _import_library(spec, meta)
+            meta = _build_locked(spec, verbose)
+        try:
+            module = _import_library(spec, meta)
+        except (ImportError, OSError) as exc:
+            # A truncated or corrupt cached library (a killed copy, a full disk): rebuild it once
+            # rather than fail with the same ImportError in every process from now on.
+            if not allow_build:
+                raise JitDisabledError(
+                    f"the cached build of module '{spec.name}' in {spec.directory} cannot be imported "
+                    f"({type(exc).__name__}: {exc}) and JIT builds are disabled (AITER_JIT_DISABLE): delete that "
+                    "directory and prebuild it again") from exc
+            log.warning("aiter: the cached build of '%s' in %s cannot be imported (%s: %s); rebuilding it",
+                        spec.name, spec.directory, type(exc).__name__, exc)
+            meta = _build_locked(spec, verbose, force=True)
+            module = _import_library(spec, meta)
         _LOADED[str(spec.directory)] = module
         return module
+
+
+def _build_locked(spec: JitSpec, verbose: bool, force: bool = False) -> dict:
+    """Build under the per-build file lock (one builder across processes); without ``force``, a
+    build another process finished while we waited is taken as it is."""
+    from filelock import FileLock, Timeout
+
+    spec.lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(spec.lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("aiter: waiting for another process building '%s' (%s)", spec.name, spec.lock_path)
+        lock.acquire()
+    try:
+        meta = None if force else _read_metadata(spec.directory)  # someone may have finished while we waited
+        return meta if meta is not None else _build(spec, verbose)
+    finally:
+        lock.release()
 
 
 def load_module(
