@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aiter_mla import cache_ops
+from aiter_mla import api
 from aiter_mla.reference import (
     concat_and_cache_mla_ref,
     fused_qk_rope_cat_and_cache_mla_ref,
@@ -57,7 +57,7 @@ def test_concat_and_cache_mla(cache_dtype, slot_dtype):
     before = cache.clone()
     slots = _slots(tokens, blocks * bs, gen).to(slot_dtype)
     scale = torch.tensor([0.5], device=DEVICE)
-    cache_ops.concat_and_cache_mla(kv_c, k_pe, cache, slots, "fp8" if cache_dtype == FP8 else "auto", scale,
+    api.concat_and_cache_mla(kv_c, k_pe, cache, slots, "fp8" if cache_dtype == FP8 else "auto", scale,
                                    backend="triton")
     ref = concat_and_cache_mla_ref(kv_c, k_pe, before, slots, scale)
     _cache_close("kv_cache", cache, ref)
@@ -92,7 +92,7 @@ def test_fused_qk_rope_concat_and_cache_mla(is_neox, nope_first, full_width, fp8
     slots = _slots(tokens, blocks * bs, gen)
     k_scale = torch.tensor([0.7], device=DEVICE)
     q_scale = torch.tensor([1.3], device=DEVICE)
-    cache_ops.fused_qk_rope_concat_and_cache_mla(q_nope, q_pe, kv_c, k_pe, cache, q_out, slots, k_scale, q_scale,
+    api.fused_qk_rope_concat_and_cache_mla(q_nope, q_pe, kv_c, k_pe, cache, q_out, slots, k_scale, q_scale,
                                                  positions, cos, sin, is_neox, nope_first, backend="triton")
     ref_q, ref_cache = fused_qk_rope_concat_and_cache_mla_ref(q_nope, q_pe, kv_c, k_pe, before, q_out, slots,
                                                               k_scale, q_scale, positions, cos, sin, is_neox,
@@ -116,7 +116,7 @@ def test_fused_qk_rope_cat_and_cache_mla(is_neox, fp8, n_dec):
     slots = _slots(n_slot, rows, gen)
     k_scale = torch.tensor([0.6], device=DEVICE)
     dq = torch.full((n_dec, q_heads, PE), float("nan"), device=DEVICE, dtype=DTYPE) if n_dec else None
-    q_out, dq_out, k_pe_out, zeros = cache_ops.fused_qk_rope_cat_and_cache_mla(
+    q_out, dq_out, k_pe_out, zeros = api.fused_qk_rope_cat_and_cache_mla(
         q_nope, q_pe, k_nope, k_pe, cache, slots, pos, cos, sin, k_scale, is_neox, num_decode_toks_for_zeros=n_dec,
         decode_q_pe_out=dq, backend="triton")
     ref_q, ref_kpe, ref_cache = fused_qk_rope_cat_and_cache_mla_ref(q_nope, q_pe, k_nope, k_pe, before, slots, pos,

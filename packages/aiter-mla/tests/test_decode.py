@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import aiter_mla
 from aiter_mla import api
 from aiter_mla.reference import mla_decode_ref
 from aiter_mla.testing import CUDA, DEVICE, INTERPRET, assert_close, make_paged_case, nan_like
@@ -96,12 +97,12 @@ def test_decode_fp8_kv_and_q_with_scales():
 
 def test_auto_split_count_is_deterministic_and_bounded():
     for batch, kv, heads in ((1, 8192, 16), (128, 4096, 16), (128, 4096, 128), (3, 21, 8)):
-        s = api.choose_num_kv_splits(batch, batch * kv, heads, 1, torch.bfloat16)
+        s = aiter_mla.choose_num_kv_splits(batch, batch * kv, heads, 1, torch.bfloat16)
         assert 1 <= s <= 16
-        assert s == api.choose_num_kv_splits(batch, batch * kv, heads, 1, torch.bfloat16)
+        assert s == aiter_mla.choose_num_kv_splits(batch, batch * kv, heads, 1, torch.bfloat16)
     # a single long sequence must be split to use the machine; a short one must not
-    assert api.choose_num_kv_splits(1, 8192, 16, 1, torch.bfloat16) > 1
-    assert api.choose_num_kv_splits(1, 16, 16, 1, torch.bfloat16) == 1
+    assert aiter_mla.choose_num_kv_splits(1, 8192, 16, 1, torch.bfloat16) > 1
+    assert aiter_mla.choose_num_kv_splits(1, 16, 16, 1, torch.bfloat16) == 1
 
 
 def test_prefill_absorbed_matches_reference():
@@ -178,8 +179,8 @@ def test_mla_reduce_v1_standalone():
 
 @pytest.mark.parametrize("override", ["prefetch=1,num_stages=1", "BLOCK_H=32,BLOCK_N=32", "prefetch=1,BLOCK_H=64"])
 def test_config_override_variants_match_reference(monkeypatch, override):
-    """AITER_MLA_CONFIG variants the benchmark sweep tries: register prefetch, padded head groups."""
-    monkeypatch.setenv("AITER_MLA_CONFIG", override)
+    """AITER_MLA_DECODE_FWD_CONFIG variants the benchmark sweep tries: register prefetch, padded head groups."""
+    monkeypatch.setenv("AITER_MLA_DECODE_FWD_CONFIG", override)
     case = make_paged_case(batch=3, heads=12, kv_lens=[50, 3, 77], q_lens=1, page_size=16, kv_lora_rank=LORA,
                            rope=ROPE, dtype=DTYPE, seed=21)
     o, _, lse = _run_decode(case, 12, DTYPE, num_kv_splits=2)
@@ -189,10 +190,10 @@ def test_config_override_variants_match_reference(monkeypatch, override):
 
 
 def test_config_override_rejects_unknown_fields(monkeypatch):
-    monkeypatch.setenv("AITER_MLA_CONFIG", "BLOCK_X=4")
+    monkeypatch.setenv("AITER_MLA_DECODE_FWD_CONFIG", "BLOCK_X=4")
     case = make_paged_case(batch=1, heads=4, kv_lens=5, q_lens=1, page_size=1, kv_lora_rank=LORA, rope=ROPE,
                            dtype=DTYPE, seed=0)
-    with pytest.raises(ValueError, match="unknown field 'BLOCK_X'"):
+    with pytest.raises(ValueError, match=r"AITER_MLA_DECODE_FWD_CONFIG: unknown field\(s\) BLOCK_X"):
         _run_decode(case, 4, DTYPE, num_kv_splits=1)
 
 

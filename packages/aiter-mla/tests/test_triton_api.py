@@ -63,7 +63,7 @@ def test_grouped_rope_decode_matches_reference(use_rope, neox, rotary, separate_
     attn_logits = nan_like((batch, heads, splits, LORA + 1), torch.float32)
     o = nan_like((batch, heads, LORA), DTYPE)
     k_before = k_buffer.clone()
-    triton_api.decode_attention_fwd_grouped_rope(
+    api.decode_attention_fwd_grouped_rope(
         q, k_buffer, v_buffer, o, kv_indptr, kv_indices, k_pe_tokens if use_rope else None, LORA, rotary,
         cos_sin if use_rope else None, positions if use_rope else None, attn_logits, splits, 0.25, logit_cap=logit_cap,
         use_rope=use_rope, is_neox_style=neox, backend="triton")
@@ -129,7 +129,7 @@ def test_sglang_decode_attention_fwd(mla, heads, kv_heads, dims, page, lse_chann
     o = nan_like((len(lens), heads, d_v), DTYPE)
     lse = nan_like((len(lens), heads), torch.float32)
     logits = nan_like((len(lens), heads, splits, d_v + (1 if lse_channel else 0)), torch.float32)
-    triton_api.decode_attention_fwd(q, k_buffer, v_buffer, o, lse, req_to_token, b_seq_len, logits, splits, 0.2,
+    api.decode_attention_fwd(q, k_buffer, v_buffer, o, lse, req_to_token, b_seq_len, logits, splits, 0.2,
                                     page_size=page, logit_cap=logit_cap, k_scale=k_scale, v_scale=v_scale,
                                     backend="triton")
     ref_o, ref_lse = decode_paged_ref(q, k_buffer, v_buffer, req_to_token, b_seq_len, page_size=page, sm_scale=0.2,

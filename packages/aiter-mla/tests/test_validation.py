@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aiter_mla import api, cache_ops, triton_api
+from aiter_mla import api, triton_api
 from aiter_mla.testing import make_paged_case
 
 LORA, ROPE = 32, 16
@@ -125,13 +125,13 @@ def test_grouped_rope_rejects_bad_input():
     ind = torch.tensor([0, 4, 9], dtype=torch.int32)
     idx = torch.arange(9, dtype=torch.int32)
     with pytest.raises(ValueError, match="attn_logits must be"):
-        triton_api.decode_attention_fwd_grouped_rope(q, k, k[..., :LORA], o, ind, idx, None, LORA, 16, None, None,
+        api.decode_attention_fwd_grouped_rope(q, k, k[..., :LORA], o, ind, idx, None, LORA, 16, None, None,
                                                      logits, 2, 0.1)
     with pytest.raises(ValueError, match="use_rope=True needs"):
-        triton_api.decode_attention_fwd_grouped_rope(q, k, k[..., :LORA], o, ind, idx, None, LORA, 16, None, None,
+        api.decode_attention_fwd_grouped_rope(q, k, k[..., :LORA], o, ind, idx, None, LORA, 16, None, None,
                                                      logits, 3, 0.1, use_rope=True)
     with pytest.raises(ValueError, match="rotary_dim must be even"):
-        triton_api.decode_attention_fwd_grouped_rope(q, k, k[..., :LORA], o, ind, idx, torch.zeros(2, 16), LORA, 15,
+        api.decode_attention_fwd_grouped_rope(q, k, k[..., :LORA], o, ind, idx, torch.zeros(2, 16), LORA, 15,
                                                      torch.zeros(8, 15), torch.zeros(2, dtype=torch.int64), logits, 3,
                                                      0.1, use_rope=True)
 
@@ -141,23 +141,23 @@ def test_cache_ops_reject_bad_input():
     cache = torch.zeros(2, 4, LORA + ROPE)
     slots = torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match="slot_mapping must have one entry per token"):
-        cache_ops.concat_and_cache_mla(kv_c, k_pe, cache, slots[:2], "auto")
+        api.concat_and_cache_mla(kv_c, k_pe, cache, slots[:2], "auto")
     with pytest.raises(TypeError, match="slot_mapping must have dtype"):
-        cache_ops.concat_and_cache_mla(kv_c, k_pe, cache, slots.float(), "auto")
+        api.concat_and_cache_mla(kv_c, k_pe, cache, slots.float(), "auto")
     with pytest.raises(ValueError, match="rows must be 48 wide"):
-        cache_ops.concat_and_cache_mla(kv_c, k_pe, torch.zeros(2, 4, 40), slots, "auto")
+        api.concat_and_cache_mla(kv_c, k_pe, torch.zeros(2, 4, 40), slots, "auto")
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
-        cache_ops.concat_and_cache_mla(kv_c, k_pe, cache, slots, "int4")
+        api.concat_and_cache_mla(kv_c, k_pe, cache, slots, "int4")
     q_nope, q_pe = torch.zeros(3, 2, LORA), torch.zeros(3, 2, ROPE)
     q_out = torch.zeros(3, 2, LORA + ROPE)
     pos = torch.zeros(3, dtype=torch.int64)
     with pytest.raises(ValueError, match="cos_cache must be"):
-        cache_ops.fused_qk_rope_concat_and_cache_mla(q_nope, q_pe, kv_c, k_pe, cache, q_out, slots, None, None, pos,
+        api.fused_qk_rope_concat_and_cache_mla(q_nope, q_pe, kv_c, k_pe, cache, q_out, slots, None, None, pos,
                                                      torch.zeros(8, 5), torch.zeros(8, 5), True, True)
     with pytest.raises(ValueError, match="shuffled_kv_cache"):
-        cache_ops.fused_qk_rope_cat_and_cache_mla(q_nope, q_pe, kv_c[:, None], k_pe[:, None], torch.zeros(3, 1, 48),
+        api.fused_qk_rope_cat_and_cache_mla(q_nope, q_pe, kv_c[:, None], k_pe[:, None], torch.zeros(3, 1, 48),
                                                   slots, pos, torch.zeros(8, 8), torch.zeros(8, 8), None, True,
                                                   shuffled_kv_cache=True)
     with pytest.raises(ValueError, match="pos must have at least"):
-        cache_ops.fused_qk_rope_cat_and_cache_mla(q_nope, q_pe, kv_c[:, None], k_pe[:, None], torch.zeros(3, 1, 48),
+        api.fused_qk_rope_cat_and_cache_mla(q_nope, q_pe, kv_c[:, None], k_pe[:, None], torch.zeros(3, 1, 48),
                                                   slots, pos[:2], torch.zeros(8, 8), torch.zeros(8, 8), None, True)

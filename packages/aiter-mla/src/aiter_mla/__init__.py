@@ -2,7 +2,8 @@
 
 Absorbed decode (``mla_decode_fwd``: paged, split-KV or persistent, MTP, fp8, any head count)
 and prefill, the non-absorbed prefill (``mla_prefill_ps_fwd``), the persistent metadata and
-reduce, the block-table Triton forms (:mod:`aiter_mla.triton_api`) and the MLA cache ops.
+reduce, SGLang's decode forms and the MLA cache ops (all in :mod:`aiter_mla.api`), and the
+block-table forms of upstream's Triton module (:mod:`aiter_mla.triton_api`).
 
 Importing the package is cheap; the public functions (and the ``torch.ops.aiter.*`` ops) load
 on first attribute access, so entry-point discovery never pulls in torch or Triton.
@@ -18,12 +19,12 @@ _EXPORTS = {
     "get_mla_metadata_info_v1": "api",
     "get_mla_metadata_v1": "api",
     "get_mla_decode_fwd_max_splits": "api",
-    "choose_num_kv_splits": "api",
-    "decode_attention_fwd_grouped_rope": "triton_api",
-    "decode_attention_fwd": "triton_api",
-    "concat_and_cache_mla": "cache_ops",
-    "fused_qk_rope_concat_and_cache_mla": "cache_ops",
-    "fused_qk_rope_cat_and_cache_mla": "cache_ops",
+    "choose_num_kv_splits": "triton.launch",
+    "decode_attention_fwd_grouped_rope": "api",
+    "decode_attention_fwd": "api",
+    "concat_and_cache_mla": "api",
+    "fused_qk_rope_concat_and_cache_mla": "api",
+    "fused_qk_rope_cat_and_cache_mla": "api",
 }
 
 __all__ = ["__version__", *_EXPORTS]

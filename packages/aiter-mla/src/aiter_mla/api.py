@@ -1,8 +1,16 @@
-"""Public MLA functions with upstream AITER's signatures (``aiter.mla`` / ``aiter.ops.attention``).
+"""Public MLA functions with upstream AITER's names and signatures.
 
-Each function checks its arguments (shapes, dtypes, devices: no host sync), allocates the
-buffers the caller did not pass, and calls the ``torch.ops.aiter.*`` op, which dispatches to
-the ``triton`` or ``reference`` backend (``backend=`` forces one).
+``aiter.mla`` (decode, prefill, the persistent metadata and reduce), ``aiter.ops.cache`` and
+``aiter.ops.triton.fusions.fused_kv_cache`` (the MLA cache writes), and SGLang's decode forms of
+``aiter.ops.triton.attention.mla_decode_rope`` / ``mla_decode``. The block-table forms of
+``aiter.ops.triton.attention.mla``, whose names collide with ``aiter.mla``'s, are in
+:mod:`aiter_mla.triton_api`.
+
+Each function allocates what upstream allocates (shapes from its arguments, no host sync),
+calls its ``aiter::`` op (:mod:`aiter_mla.ops`, which validates the call in
+:mod:`aiter_mla.checks` and runs the ``triton`` or ``reference`` backend; ``backend=`` forces
+one) and returns what upstream returns. When the sizes it allocates from cannot be read, the
+op's check names the bad argument (:func:`aiter_mla.checks.explain`).
 """
 
 from __future__ import annotations
@@ -11,10 +19,11 @@ from typing import Optional
 
 import torch
 
-from . import _checks as C
+from . import checks, ops
 from .metadata import get_mla_decode_fwd_max_splits, get_mla_metadata_info_v1, get_mla_metadata_v1
 
 Tensor = torch.Tensor
+F32 = torch.float32
 
 __all__ = [
     "mla_decode_fwd",
@@ -24,72 +33,12 @@ __all__ = [
     "get_mla_metadata_info_v1",
     "get_mla_metadata_v1",
     "get_mla_decode_fwd_max_splits",
-    "choose_num_kv_splits",
+    "decode_attention_fwd_grouped_rope",
+    "decode_attention_fwd",
+    "concat_and_cache_mla",
+    "fused_qk_rope_concat_and_cache_mla",
+    "fused_qk_rope_cat_and_cache_mla",
 ]
-
-
-def _ops():
-    from .ops import OPS
-
-    return OPS
-
-
-def _paged_kv(name: str, kv_buffer, q: Tensor, page_size: int, nhead_kv: int = 1) -> Tensor:
-    """``kv_buffer`` as ``[num_pages, page_size, 1, D]`` (3-D ``[pages, page_size, D]`` and the
-    flat ``[pages * page_size, 1, 1, D]`` view are accepted)."""
-    C.tensor(name, kv_buffer, dims=(3, 4), dtypes=C.Q_DTYPES, device=q.device)
-    if kv_buffer.dim() == 3:
-        kv_buffer = kv_buffer.unsqueeze(2)
-    if kv_buffer.shape[2] != 1 or nhead_kv != 1:
-        raise ValueError(f"{name}: MLA has one latent KV head (nhead_kv=1), got nhead_kv={nhead_kv} and a buffer "
-                         f"of shape {tuple(kv_buffer.shape)}")
-    if kv_buffer.shape[-1] != q.shape[-1]:
-        raise ValueError(f"{name} rows must be as wide as q (kv_lora_rank + rope = {q.shape[-1]}), got "
-                         f"{kv_buffer.shape[-1]}")
-    if kv_buffer.shape[1] != page_size:
-        if kv_buffer.shape[1] == 1 and kv_buffer.shape[0] % page_size == 0 and kv_buffer.is_contiguous():
-            kv_buffer = kv_buffer.view(-1, page_size, 1, kv_buffer.shape[-1])
-        else:
-            raise ValueError(f"{name} must be [num_pages, page_size={page_size}, 1, D], got {tuple(kv_buffer.shape)}")
-    C.last_dim_contiguous(name, kv_buffer)
-    return kv_buffer
-
-
-def _check_q_o(q, o, min_rope: int = 1) -> tuple[int, int, int]:
-    C.tensor("q", q, dims=(3,), dtypes=C.Q_DTYPES)
-    C.tensor("o", o, dims=(3,), dtypes=C.FLOAT_DTYPES, device=q.device)
-    C.last_dim_contiguous("q", q)
-    C.last_dim_contiguous("o", o)
-    total_q, heads, dim = q.shape
-    if heads < 1:
-        raise ValueError(f"q must have at least one head, got shape {tuple(q.shape)}")
-    if o.shape[0] != total_q or o.shape[1] != heads or not (0 < o.shape[2] <= dim - min_rope):
-        raise ValueError(f"o must be [total_q={total_q}, heads={heads}, kv_lora_rank] with kv_lora_rank < "
-                         f"{dim} (q's width), got {tuple(o.shape)}")
-    return total_q, heads, o.shape[2]
-
-
-def _check_page_table(qo_indptr, kv_indptr, kv_indices, kv_last_page_lens, device) -> int:
-    C.index("qo_indptr", qo_indptr, None, device)
-    batch = qo_indptr.numel() - 1
-    if batch < 0:
-        raise ValueError("qo_indptr must have batch + 1 >= 1 entries, got 0")
-    C.index("kv_indptr", kv_indptr, batch + 1, device)
-    C.index("kv_indices", kv_indices, None, device)
-    C.index("kv_last_page_lens", kv_last_page_lens, batch, device)
-    return batch
-
-
-def choose_num_kv_splits(batch: int, kv_tokens: int, num_heads: int, max_seqlen_q: int, kv_dtype: torch.dtype,
-                         kv_lora_rank: int = 512) -> int:
-    """The automatic split count (see :func:`aiter_mla.triton.launch.auto_num_kv_splits`)."""
-    from aiter_core.arch import get_arch_info
-
-    from .triton.launch import auto_num_kv_splits, decode_config
-
-    cfg = decode_config(num_heads, max_seqlen_q, kv_dtype, kv_lora_rank)
-    avg = kv_tokens / max(batch, 1)
-    return auto_num_kv_splits(batch, avg, num_heads, max_seqlen_q, cfg, get_arch_info().num_cu)
 
 
 def mla_decode_fwd(q: Tensor, kv_buffer: Tensor, o: Tensor, qo_indptr: Tensor, kv_indptr: Tensor,
@@ -116,55 +65,47 @@ def mla_decode_fwd(q: Tensor, kv_buffer: Tensor, o: Tensor, qo_indptr: Tensor, k
     partial buffers are ``[reduce_partial_map.numel() * max_seqlen_q, 1, H, kv_lora_rank]`` and
     are returned as ``logits``.
     """
-    total_q, heads, d_v = _check_q_o(q, o)
-    C.positive_int("max_seqlen_q", max_seqlen_q)
-    C.positive_int("page_size", page_size)
-    batch = _check_page_table(qo_indptr, kv_indptr, kv_indices, kv_last_page_lens, q.device)
-    kv_buffer = _paged_kv("kv_buffer", kv_buffer, q, page_size, nhead_kv)
-    q_scale = C.scale("q_scale", q_scale, q.device)
-    kv_scale = C.scale("kv_scale", kv_scale, q.device)
-    if logit_cap > 0:
-        raise ValueError(f"logit_cap must be <= 0 (soft-capping is not supported by MLA decode, as upstream), got {logit_cap}")
-    if cp_world_size != 1 or g_kv_indptr is not None:
-        raise ValueError(f"context parallelism (cp_world_size={cp_world_size}, g_kv_indptr) is not supported")
-    scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
-    lse = torch.empty(total_q, heads, dtype=torch.float32, device=q.device) if return_lse else None
-    ops = _ops()
-
+    checks.decode_options(nhead_kv, logit_cap, cp_world_size, g_kv_indptr)
     if work_meta_data is not None:
-        missing = [n for n, v in (("work_indptr", work_indptr), ("work_info_set", work_info_set),
-                                  ("reduce_indptr", reduce_indptr), ("reduce_final_map", reduce_final_map),
-                                  ("reduce_partial_map", reduce_partial_map)) if v is None]
-        if missing:
-            raise ValueError(f"persistent mode (work_meta_data given) also needs {', '.join(missing)}")
-        C.index("work_indptr", work_indptr, None, q.device)
-        C.tensor("work_info_set", work_info_set, dims=(2,), dtypes=(torch.int32,), device=q.device)
-        if work_info_set.shape[1] != 8:
-            raise ValueError(f"work_info_set must be [max_work, 8] int32, got {tuple(work_info_set.shape)}")
-        for name, buf in (("reduce_indptr", reduce_indptr), ("reduce_partial_map", reduce_partial_map)):
-            C.index(name, buf, None, q.device)
-        C.tensor("reduce_final_map", reduce_final_map, dims=(2,), dtypes=(torch.int32,), device=q.device)
-        rows = reduce_partial_map.numel() * max_seqlen_q
-        partial_o = torch.empty(rows, 1, heads, d_v, dtype=torch.float32, device=q.device)
-        partial_lse = torch.empty(rows, 1, heads, 1, dtype=torch.float32, device=q.device)
-        ops["mla_decode_fwd_persistent"](
-            q, kv_buffer, o, qo_indptr, kv_indptr, kv_indices, max_seqlen_q, page_size, scale, causal, work_indptr,
-            work_info_set, reduce_indptr, reduce_final_map, reduce_partial_map, partial_o, partial_lse, lse, q_scale,
-            kv_scale, backend=backend)
+        try:
+            total_q, heads, _ = q.shape
+            d_v = o.shape[2]
+            rows = reduce_partial_map.shape[0] * max_seqlen_q
+            partial_o = torch.empty(rows, 1, heads, d_v, dtype=F32, device=q.device)
+            partial_lse = torch.empty(rows, 1, heads, 1, dtype=F32, device=q.device)
+            lse = torch.empty(total_q, heads, dtype=F32, device=q.device) if return_lse else None
+        except Exception as exc:
+            checks.explain(exc, checks.mla_decode_fwd_persistent, q, kv_buffer, o, qo_indptr, kv_indptr, kv_indices,
+                           kv_last_page_lens, max_seqlen_q, page_size, sm_scale, causal, work_indptr, work_info_set,
+                           reduce_indptr, reduce_final_map, reduce_partial_map, None, None, None, q_scale, kv_scale)
+            raise
+        ops.mla_decode_fwd_persistent(q, kv_buffer, o, qo_indptr, kv_indptr, kv_indices, kv_last_page_lens,
+                                      max_seqlen_q, page_size, sm_scale, causal, work_indptr, work_info_set,
+                                      reduce_indptr, reduce_final_map, reduce_partial_map, partial_o, partial_lse, lse,
+                                      q_scale, kv_scale, backend)
         return partial_o, lse
 
-    if num_kv_splits is None:
-        num_kv_splits = choose_num_kv_splits(batch, kv_indices.numel() * page_size, heads, max_seqlen_q,
-                                             kv_buffer.dtype, d_v)
-    C.positive_int("num_kv_splits", num_kv_splits)
-    if num_kv_splits > 1:
-        logits = torch.empty(total_q, num_kv_splits, heads, d_v, dtype=torch.float32, device=q.device)
-        attn_lse = torch.empty(total_q, num_kv_splits, heads, dtype=torch.float32, device=q.device)
-    else:
-        logits = attn_lse = None
-    ops["mla_decode_fwd"](q, kv_buffer, o, qo_indptr, kv_indptr, kv_indices, kv_last_page_lens, max_seqlen_q,
-                          page_size, scale, causal, num_kv_splits, logits, attn_lse, lse, q_scale, kv_scale,
-                          backend=backend)
+    try:
+        total_q, heads, _ = q.shape
+        d_v = o.shape[2]
+        if num_kv_splits is None:
+            from .triton.launch import choose_num_kv_splits
+
+            num_kv_splits = choose_num_kv_splits(qo_indptr.shape[0] - 1, kv_indices.shape[0] * page_size, heads,
+                                                 max_seqlen_q, kv_buffer.dtype, d_v)
+        lse = torch.empty(total_q, heads, dtype=F32, device=q.device) if return_lse else None
+        if num_kv_splits > 1:
+            logits = torch.empty(total_q, num_kv_splits, heads, d_v, dtype=F32, device=q.device)
+            attn_lse = torch.empty(total_q, num_kv_splits, heads, dtype=F32, device=q.device)
+        else:
+            logits = attn_lse = None
+    except Exception as exc:
+        checks.explain(exc, checks.mla_decode_fwd, q, kv_buffer, o, qo_indptr, kv_indptr, kv_indices,
+                       kv_last_page_lens, max_seqlen_q, page_size, sm_scale, causal, num_kv_splits, None, None, None,
+                       q_scale, kv_scale)
+        raise
+    ops.mla_decode_fwd(q, kv_buffer, o, qo_indptr, kv_indptr, kv_indices, kv_last_page_lens, max_seqlen_q, page_size,
+                       sm_scale, causal, num_kv_splits, logits, attn_lse, lse, q_scale, kv_scale, backend)
     if logits is None:
         logits = o.view(total_q, 1, heads, d_v)
     return logits, lse
@@ -178,17 +119,15 @@ def mla_prefill_fwd(q: Tensor, kv_buffer: Tensor, o: Tensor, qo_indptr: Tensor, 
 
     The page size is ``kv_buffer.shape[1]`` (upstream's ASM kernel only takes page size 1).
     """
-    total_q, heads, _ = _check_q_o(q, o)
-    C.positive_int("max_seqlen_q", max_seqlen_q)
-    _check_page_table(qo_indptr, kv_indptr, kv_indices, kv_last_page_lens, q.device)
-    C.tensor("kv_buffer", kv_buffer, dims=(3, 4), dtypes=C.Q_DTYPES, device=q.device)
-    kv_buffer = _paged_kv("kv_buffer", kv_buffer, q, kv_buffer.shape[1])
-    if logit_cap > 0:
-        raise ValueError(f"logit_cap must be <= 0 (not supported), got {logit_cap}")
-    scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
-    lse = torch.empty(total_q, heads, dtype=torch.float32, device=q.device)
-    _ops()["mla_prefill_fwd"](q, kv_buffer, o, qo_indptr, kv_indptr, kv_indices, kv_last_page_lens, max_seqlen_q,
-                              kv_buffer.shape[1], scale, causal, lse, backend=backend)
+    checks.prefill_options(logit_cap)
+    try:
+        lse = torch.empty(q.shape[0], q.shape[1], dtype=F32, device=q.device)
+    except Exception as exc:
+        checks.explain(exc, checks.mla_prefill_fwd, q, kv_buffer, o, qo_indptr, kv_indptr, kv_indices,
+                       kv_last_page_lens, max_seqlen_q, sm_scale, causal, None)
+        raise
+    ops.mla_prefill_fwd(q, kv_buffer, o, qo_indptr, kv_indptr, kv_indices, kv_last_page_lens, max_seqlen_q, sm_scale,
+                        causal, lse, backend)
     return o, lse
 
 
@@ -205,41 +144,15 @@ def mla_prefill_ps_fwd(Q: Tensor, K: Tensor, V: Tensor, output: Tensor, qo_indpt
     causal when ``is_causal``; bf16/fp16/fp32 or fp8 with per-tensor scales. Writes ``output
     [total_q, H, Dv]``; returns ``(output, lse [total_q, H])``. The work/reduce arguments are
     accepted for compatibility and not needed (the kernel schedules itself)."""
-    C.tensor("Q", Q, dims=(3,), dtypes=C.Q_DTYPES)
-    K = _token_rows("K", K, Q)
-    V = _token_rows("V", V, Q)
-    C.tensor("output", output, dims=(3,), dtypes=C.FLOAT_DTYPES, device=Q.device)
-    total_q, heads, dim = Q.shape
-    if K.shape[-1] != dim:
-        raise ValueError(f"K head dim must equal Q's ({dim}), got {K.shape[-1]}")
-    if K.shape[0] != V.shape[0] or K.shape[1] != V.shape[1]:
-        raise ValueError(f"K and V must have the same tokens and heads, got {tuple(K.shape)} and {tuple(V.shape)}")
-    if heads % K.shape[1]:
-        raise ValueError(f"query heads ({heads}) must be a multiple of KV heads ({K.shape[1]})")
-    if dim < 32:
-        raise ValueError(f"Q head dim must be >= 32, got {dim}")
-    if tuple(output.shape) != (total_q, heads, V.shape[-1]):
-        raise ValueError(f"output must be [{total_q}, {heads}, {V.shape[-1]}], got {tuple(output.shape)}")
-    C.index("qo_indptr", qo_indptr, None, Q.device)
-    C.index("kv_indptr", kv_indptr, qo_indptr.numel(), Q.device)
-    C.index("kv_page_indices", kv_page_indices, None, Q.device)
-    C.positive_int("max_seqlen_q", max_seqlen_q)
-    scales = [C.scale(n, s, Q.device) for n, s in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale))]
-    scale = dim ** -0.5 if softmax_scale is None else float(softmax_scale)
-    lse = torch.empty(total_q, heads, dtype=torch.float32, device=Q.device)
-    _ops()["mla_prefill_ps_fwd"](Q, K, V, output, qo_indptr, kv_indptr, kv_page_indices, max_seqlen_q, bool(is_causal),
-                                 scale, *scales, lse, backend=backend)
+    try:
+        lse = torch.empty(Q.shape[0], Q.shape[1], dtype=F32, device=Q.device)
+    except Exception as exc:
+        checks.explain(exc, checks.mla_prefill_ps_fwd, Q, K, V, output, qo_indptr, kv_indptr, kv_page_indices,
+                       max_seqlen_q, is_causal, softmax_scale, q_scale, k_scale, v_scale, None)
+        raise
+    ops.mla_prefill_ps_fwd(Q, K, V, output, qo_indptr, kv_indptr, kv_page_indices, max_seqlen_q, bool(is_causal),
+                           softmax_scale, q_scale, k_scale, v_scale, lse, backend)
     return output, lse
-
-
-def _token_rows(name: str, x, q: Tensor) -> Tensor:
-    C.tensor(name, x, dims=(3, 4), dtypes=C.Q_DTYPES, device=q.device)
-    if x.dim() == 4:
-        if x.shape[1] != 1:
-            raise ValueError(f"{name} as a 4-D cache must have page size 1 ([tokens, 1, Hk, D]), got {tuple(x.shape)}")
-        x = x[:, 0]
-    C.last_dim_contiguous(name, x)
-    return x
 
 
 def mla_reduce_v1(partial_output: Tensor, partial_lse: Tensor, reduce_indptr: Tensor, reduce_final_map: Tensor,
@@ -248,25 +161,110 @@ def mla_reduce_v1(partial_output: Tensor, partial_lse: Tensor, reduce_indptr: Te
     """Merge the persistent partials: ``partial_output [slots * max_seqlen_q, 1, H, Dv]`` and
     ``partial_lse [.., 1, H, 1]`` fp32 into ``final_output [total_q, H, Dv]`` (and
     ``final_lse [total_q, H]``), per the reduce maps of ``get_mla_metadata_v1``."""
-    C.tensor("final_output", final_output, dims=(3,), dtypes=C.FLOAT_DTYPES)
-    device = final_output.device
-    C.tensor("partial_output", partial_output, dtypes=(torch.float32,), device=device)
-    C.tensor("partial_lse", partial_lse, dtypes=(torch.float32,), device=device)
-    heads, d_v = final_output.shape[1], final_output.shape[2]
-    if partial_output.shape[-2:] != (heads, d_v):
-        raise ValueError(f"partial_output must end in (H={heads}, Dv={d_v}), got {tuple(partial_output.shape)}")
-    if partial_lse.numel() != partial_output.numel() // d_v:
-        raise ValueError(f"partial_lse must hold one value per partial row and head ({partial_output.numel() // d_v}),"
-                         f" got {partial_lse.numel()}")
-    C.index("reduce_indptr", reduce_indptr, None, device)
-    C.tensor("reduce_final_map", reduce_final_map, dims=(2,), dtypes=(torch.int32,), device=device)
-    C.index("reduce_partial_map", reduce_partial_map, None, device)
-    if reduce_final_map.shape[0] != reduce_indptr.numel() - 1:
-        raise ValueError(f"reduce_final_map must have {reduce_indptr.numel() - 1} rows (reduce_indptr tiles), got "
-                         f"{reduce_final_map.shape[0]}")
-    C.positive_int("max_seqlen_q", max_seqlen_q)
-    if final_lse is not None:
-        C.tensor("final_lse", final_lse, dtypes=(torch.float32,), device=device)
-        final_lse = final_lse.view(final_output.shape[0], heads)
-    _ops()["mla_reduce_v1"](partial_output, partial_lse, reduce_indptr, reduce_final_map, reduce_partial_map,
-                            max_seqlen_q, final_output, final_lse, backend=backend)
+    ops.mla_reduce_v1(partial_output, partial_lse, reduce_indptr, reduce_final_map, reduce_partial_map, max_seqlen_q,
+                      final_output, final_lse, backend)
+
+
+def decode_attention_fwd_grouped_rope(q: Tensor, k_buffer: Tensor, v_buffer: Tensor, o: Tensor, kv_indptr: Tensor,
+                                      kv_indices: Tensor, k_pe_tokens: Optional[Tensor], kv_lora_rank: int,
+                                      rotary_dim: int, cos_sin_cache: Optional[Tensor], positions: Optional[Tensor],
+                                      attn_logits: Tensor, num_kv_splits: int, sm_scale: float,
+                                      logit_cap: float = 0.0, use_rope: bool = False, is_neox_style: bool = False,
+                                      config=None, *, backend: Optional[str] = None) -> None:
+    """SGLang MLA decode (page size 1): ``q [B, H, lora + rope]``, ``k_buffer [tokens, 1, lora +
+    rope]``, ``v_buffer [tokens, 1, lora]`` (usually a view of ``k_buffer``), token-level
+    ``kv_indptr [B + 1]`` / ``kv_indices``. Writes ``o [B, H, lora]`` and the split partials
+    ``attn_logits [B, H, num_kv_splits, lora + 1]`` (last channel: the split's LSE). With
+    ``use_rope``, the first ``rotary_dim`` rope channels of q and of each sequence's last key are
+    rotated at ``positions [B]`` (``cos_sin_cache [max_pos, rotary_dim]``: cos half | sin half);
+    the rotated last-key rope part is written to ``k_pe_tokens [B, (1,) rope]`` and the cache is
+    left as is. ``logit_cap > 0`` soft-caps the scores. ``config`` is accepted and ignored."""
+    ops.decode_attention_fwd_grouped_rope(q, k_buffer, v_buffer, o, kv_indptr, kv_indices, k_pe_tokens, kv_lora_rank,
+                                          rotary_dim, cos_sin_cache, positions, attn_logits, num_kv_splits, sm_scale,
+                                          logit_cap, bool(use_rope), bool(is_neox_style), backend)
+
+
+def decode_attention_fwd(q: Tensor, k_buffer: Tensor, v_buffer: Tensor, o: Tensor, lse: Optional[Tensor],
+                         req_to_token: Tensor, b_seq_len: Tensor, attn_logits: Tensor, num_kv_splits: int,
+                         sm_scale: float, page_size: int = 1, logit_cap: float = 0.0, k_scale: Optional[Tensor] = None,
+                         v_scale: Optional[Tensor] = None, *, backend: Optional[str] = None) -> None:
+    """SGLang decode: ``q [B, H, Dk]``, ``k_buffer [tokens, Hk, Dk]``, ``v_buffer [tokens, Hk, Dv]``
+    (GQA ``H % Hk == 0``; MLA: ``v_buffer`` a view of ``k_buffer[..., :Dv]``, read once), key ``j``
+    of request ``b`` at token row ``req_to_token[b, j // page_size] * page_size + j % page_size``
+    for ``j < b_seq_len[b]``. Writes ``o [B, H, Dv]``, ``lse [B, H]`` (when given) and the split
+    partials ``attn_logits [B, H, num_kv_splits, Dv (+ 1)]`` (with the extra channel: each split's
+    LSE). fp8 caches: per-tensor ``k_scale`` / ``v_scale``; ``logit_cap > 0`` soft-caps."""
+    try:
+        # without an LSE channel in attn_logits the split LSEs go to a scratch buffer
+        attn_lse = None
+        if attn_logits.shape[3] != v_buffer.shape[2] + 1:
+            attn_lse = torch.empty(q.shape[0], q.shape[1], num_kv_splits, dtype=F32, device=q.device)
+    except Exception as exc:
+        checks.explain(exc, checks.decode_attention_fwd, q, k_buffer, v_buffer, o, lse, req_to_token, b_seq_len,
+                       attn_logits, None, num_kv_splits, sm_scale, page_size, logit_cap, k_scale, v_scale)
+        raise
+    ops.decode_attention_fwd(q, k_buffer, v_buffer, o, lse, req_to_token, b_seq_len, attn_logits, attn_lse,
+                             num_kv_splits, sm_scale, page_size, logit_cap, k_scale, v_scale, backend)
+
+
+def concat_and_cache_mla(kv_c: Tensor, k_pe: Tensor, kv_cache: Tensor, slot_mapping: Tensor, kv_cache_dtype: str,
+                         scale: Optional[Tensor] = None, *, backend: Optional[str] = None) -> None:
+    """``kv_cache[slot // bs, slot % bs] = cat(kv_c[t], k_pe[t])`` (fp8 cache: ``/ scale``); slots
+    < 0 are skipped. ``kv_c [T, kv_lora_rank]``, ``k_pe [T, rope]`` (or ``[T, 1, rope]``),
+    ``kv_cache [num_blocks, block_size, (1,) kv_lora_rank + rope]``, ``slot_mapping [T]``
+    int32/int64."""
+    ops.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale, backend)
+
+
+def fused_qk_rope_concat_and_cache_mla(q_nope: Tensor, q_pe: Tensor, kv_c: Tensor, k_pe: Tensor, kv_cache: Tensor,
+                                       q_out: Tensor, slot_mapping: Tensor, k_scale: Optional[Tensor],
+                                       q_scale: Optional[Tensor], positions: Tensor, cos_cache: Tensor,
+                                       sin_cache: Tensor, is_neox: bool, is_nope_first: bool,
+                                       compute_all_q_rope: bool = False, *, backend: Optional[str] = None) -> None:
+    """RoPE on ``q_pe [T, H, rope]`` and ``k_pe [T, (1,) rope]`` at ``positions [T]``;
+    ``q_out [T, H, lora + rope] = cat(q_nope, rope(q_pe))`` (pe first unless ``is_nope_first``;
+    fp8 ``q_out``: ``/ q_scale``); cache row of token ``t`` = ``cat(kv_c, rope(k_pe))`` in the same
+    order (fp8 cache: ``/ k_scale``). RoPE tables ``[max_pos, rope/2]`` (or full ``rope`` width),
+    ``is_neox`` halves or interleaved pairs. ``compute_all_q_rope`` is accepted (every token is
+    rotated)."""
+    ops.fused_qk_rope_concat_and_cache_mla(q_nope, q_pe, kv_c, k_pe, kv_cache, q_out, slot_mapping, k_scale, q_scale,
+                                           positions, cos_cache, sin_cache, bool(is_neox), bool(is_nope_first),
+                                           backend)
+
+
+def fused_qk_rope_cat_and_cache_mla(q_nope: Tensor, q_pe: Tensor, k_nope: Tensor, k_pe: Tensor, kv_cache: Tensor,
+                                    slot_mapping: Tensor, pos: Tensor, cos: Tensor, sin: Tensor,
+                                    k_scale: Optional[Tensor], is_neox: bool, num_decode_toks_for_zeros: int = 0,
+                                    apply_scale: bool = True, q_out: Optional[Tensor] = None,
+                                    decode_q_pe_out: Optional[Tensor] = None, k_pe_out: Optional[Tensor] = None,
+                                    q_out_dtype: Optional[torch.dtype] = None, shuffled_kv_cache: bool = False,
+                                    upcast_operand: bool = False, *, backend: Optional[str] = None):
+    """RoPE + concat + cache write (slot = cache row, page size 1).
+
+    ``q_nope/q_pe [B, QH, D1|D2]`` (positions ``pos[:B]``), ``k_nope/k_pe [B_slot, KH, D1|D2]``
+    (positions ``pos[:B_slot]``), ``kv_cache [rows, KH, D1 + D2]``. Returns ``(q_out [B, QH,
+    D1 + D2], decode_q_pe_out, k_pe_out [B_slot, KH, D2], q_nope_zeros_out)``: ``q_out =
+    cat(q_nope, rope(q_pe))`` (dtype ``q_out_dtype`` or q_nope's), ``decode_q_pe_out`` (written
+    when given: ``rope(q_pe)`` of its first rows), ``k_pe_out = rope(k_pe)`` (allocated when not
+    given), ``q_nope_zeros_out`` zeros ``[num_decode_toks_for_zeros, QH, D1]`` (None when 0).
+    fp8 caches store ``x / k_scale`` when ``apply_scale``. RoPE runs in fp32 (``upcast_operand``
+    is accepted)."""
+    checks.rope_cat_options(shuffled_kv_cache)
+    try:
+        batch, q_heads, d1 = q_nope.shape
+        if q_out is None:
+            q_out = torch.empty(batch, q_heads, d1 + q_pe.shape[2], dtype=q_out_dtype or q_nope.dtype,
+                                device=q_nope.device)
+        if k_pe_out is None:
+            k_pe_out = torch.empty_like(k_pe)
+        zeros = None
+        if num_decode_toks_for_zeros > 0:
+            zeros = torch.empty(num_decode_toks_for_zeros, q_heads, d1, dtype=q_nope.dtype, device=q_nope.device)
+    except Exception as exc:
+        checks.explain(exc, checks.fused_qk_rope_cat_and_cache_mla, q_nope, q_pe, k_nope, k_pe, kv_cache, slot_mapping,
+                       pos, cos, sin, k_scale, is_neox, apply_scale, q_out, k_pe_out, decode_q_pe_out, None)
+        raise
+    ops.fused_qk_rope_cat_and_cache_mla(q_nope, q_pe, k_nope, k_pe, kv_cache, slot_mapping, pos, cos, sin, k_scale,
+                                        bool(is_neox), bool(apply_scale), q_out, k_pe_out, decode_q_pe_out, zeros,
+                                        backend)
+    return q_out, decode_q_pe_out, k_pe_out, zeros

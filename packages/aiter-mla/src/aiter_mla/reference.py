@@ -26,6 +26,7 @@ __all__ = [
     "mla_decode_ref",
     "mla_block_table_ref",
     "mla_prefill_ps_ref",
+    "mla_decode_persistent_ref",
     "mla_reduce_ref",
     "merge_splits_ref",
     "rope_ref",
@@ -155,6 +156,54 @@ def mla_prefill_ps_ref(q: Tensor, k: Tensor, v: Tensor, qo_indptr: Tensor, kv_in
                         _dequant(v[idx], v_scale, acc_dtype), scale, is_causal, acc_dtype)
         o[q0:q1], lse[q0:q1] = ob, lb
     return o, lse
+
+
+def mla_decode_persistent_ref(q: Tensor, kv_buffer: Tensor, o: Tensor, qo_indptr: Tensor, kv_indptr: Tensor,
+                              kv_indices: Tensor, *, page_size: int, max_seqlen_q: int, sm_scale: float, causal: bool,
+                              work_indptr: Tensor, work_info_set: Tensor, partial_o: Tensor, partial_lse: Tensor,
+                              final_lse: Optional[Tensor] = None, q_scale: Optional[Tensor] = None,
+                              kv_scale: Optional[Tensor] = None) -> None:
+    """Stage 1 of the persistent decode (in place): runs the work items of ``get_mla_metadata_v1``
+    one by one, writing final rows of ``o``/``final_lse`` (slot -1) or partial slots (rows ``slot *
+    max_seqlen_q + t`` of ``partial_o [.., 1, H, Dv]`` / ``partial_lse [.., 1, H, 1]``)."""
+    scale_q = None if q_scale is None else q_scale.float().reshape(-1)[0]
+    scale_kv = None if kv_scale is None else kv_scale.float().reshape(-1)[0]
+    qo = qo_indptr.cpu().tolist()
+    kp = kv_indptr.cpu().tolist()
+    ends = work_indptr.cpu().tolist()
+    info = work_info_set.cpu().tolist()
+    d_v = o.shape[-1]
+    po = partial_o.reshape(partial_o.shape[0], q.shape[1], d_v)
+    pl = partial_lse.reshape(partial_lse.shape[0], q.shape[1])
+    for w in range(ends[0], ends[-1]):
+        b, slot, q_lo, q_hi, page_lo, page_hi, kv_len, heads = info[w]
+        h_lo, h_hi = heads & 0xFFFF, min(heads >> 16, q.shape[1])
+        lo = min((page_lo - kp[b]) * page_size, kv_len)
+        hi = min((page_hi - kp[b]) * page_size, kv_len)
+        rows = gather_pages(kv_buffer, kv_indices[kp[b]:kp[b + 1]], kv_len).float()
+        if scale_kv is not None:
+            rows = rows * scale_kv
+        qb = q[q_lo:q_hi, h_lo:h_hi].float()
+        if scale_q is not None:
+            qb = qb * scale_q
+        qlen, pos0 = qo[b + 1] - qo[b], q_lo - qo[b]
+        # keys [lo, hi) with the bottom-right causal diagonal of the whole sequence
+        s = torch.einsum("qhd,kd->hqk", qb, rows[lo:hi, 0]) * sm_scale
+        if causal:
+            i = torch.arange(q_hi - q_lo, device=q.device)[:, None] + pos0
+            j = torch.arange(lo, hi, device=q.device)[None, :]
+            s = s.masked_fill(j > i + kv_len - qlen, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1) if hi > lo else torch.full(s.shape[:2], float("-inf"), device=q.device)
+        p = torch.nan_to_num(torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None]), nan=0.0)
+        out = torch.einsum("hqk,kd->qhd", p, rows[lo:hi, 0, :d_v])
+        lse = lse.transpose(0, 1)
+        if slot < 0:
+            o[q_lo:q_hi, h_lo:h_hi] = out.to(o.dtype)
+            if final_lse is not None:
+                final_lse[q_lo:q_hi, h_lo:h_hi] = lse
+        else:
+            po[slot * max_seqlen_q: slot * max_seqlen_q + q_hi - q_lo, h_lo:h_hi] = out
+            pl[slot * max_seqlen_q: slot * max_seqlen_q + q_hi - q_lo, h_lo:h_hi] = lse
 
 
 def merge_splits_ref(partial_o: Tensor, partial_lse: Tensor) -> tuple[Tensor, Tensor]:

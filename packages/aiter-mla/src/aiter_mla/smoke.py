@@ -15,8 +15,7 @@ def run() -> str:
     from aiter_core.registry import select
     from aiter_core.testing import check_max_error
 
-    from . import api, cache_ops
-    from .ops import make_problem
+    from . import api, checks
     from .reference import concat_and_cache_mla_ref, mla_decode_ref
     from .testing import make_paged_case
 
@@ -27,10 +26,12 @@ def run() -> str:
     tol = 2e-2 if gpu else 1e-4
     case = make_paged_case(batch=3, heads=16, kv_lens=[300, 21, 130], q_lens=[1, 2, 1], page_size=16,
                            kv_lora_rank=lora, rope=rope, dtype=dtype, seed=0, device=device)
-    backend = select("mla_decode_fwd", make_problem("mla_decode_fwd", case.q, case.kv)).backend
     ref_o, ref_lse = mla_decode_ref(case.q, case.kv, case.qo_indptr, case.kv_indptr, case.kv_indices,
                                     case.kv_last_page_lens, kv_lora_rank=lora, page_size=16, sm_scale=0.1)
     o = torch.full((case.q.shape[0], 16, lora), float("nan"), dtype=dtype, device=device)
+    call = checks.mla_decode_fwd(case.q, case.kv, o, case.qo_indptr, case.kv_indptr, case.kv_indices,
+                                 case.kv_last_page_lens, 2, 16, 0.1, True, 1, None, None, None, None, None)
+    backend = select("mla_decode_fwd", call.key).backend
     _, lse = api.mla_decode_fwd(case.q, case.kv, o, case.qo_indptr, case.kv_indptr, case.kv_indices,
                                 case.kv_last_page_lens, 2, page_size=16, sm_scale=0.1, num_kv_splits=3,
                                 return_lse=True)
@@ -53,7 +54,7 @@ def run() -> str:
     cache = torch.zeros(2, 4, lora + rope, dtype=dtype, device=device)
     slots = torch.tensor([6, -1, 0, 3, 5], device=device)
     want = concat_and_cache_mla_ref(kv_c, k_pe, cache, slots, None)
-    cache_ops.concat_and_cache_mla(kv_c, k_pe, cache, slots, "auto")
+    api.concat_and_cache_mla(kv_c, k_pe, cache, slots, "auto")
     errs.append(check_max_error("aiter-mla smoke: concat_and_cache_mla", cache, want, 0.0))
     return f"aiter-mla: decode (split, persistent) and cache write match the reference on {device} " \
            f"(backend {backend}, max error {max(errs):.2g})"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aiter_mla import api, cache_ops, triton_api
+from aiter_mla import api, triton_api
 from aiter_mla.reference import (
     concat_and_cache_mla_ref,
     decode_grouped_rope_ref,
@@ -232,7 +232,7 @@ def test_grouped_rope_decode(use_rope, neox):
     o = nan_like((batch, heads, LORA), BF16, "cuda")
     logits = nan_like((batch, heads, splits, LORA + 1), torch.float32, "cuda")
     k_pe = nan_like((batch, 1, ROPE), BF16, "cuda")
-    triton_api.decode_attention_fwd_grouped_rope(q, k_buffer, k_buffer[..., :LORA], o, kv_indptr, kv_indices, k_pe,
+    api.decode_attention_fwd_grouped_rope(q, k_buffer, k_buffer[..., :LORA], o, kv_indptr, kv_indices, k_pe,
                                                  LORA, 64, cos_sin, positions, logits, splits, SCALE,
                                                  use_rope=use_rope, is_neox_style=neox)
     ref_o, _, ref_kpe = decode_grouped_rope_ref(q, k_buffer, k_buffer[..., :LORA], kv_indptr, kv_indices,
@@ -254,7 +254,7 @@ def test_cache_ops_production_dims(cache_dtype):
     slots = torch.randperm(blocks * bs, device="cuda")[:tokens]
     slots[::7] = -1
     scale = torch.tensor([0.05], device="cuda")
-    cache_ops.concat_and_cache_mla(kv_c, k_pe, cache, slots, "fp8" if cache_dtype == FP8 else "auto", scale)
+    api.concat_and_cache_mla(kv_c, k_pe, cache, slots, "fp8" if cache_dtype == FP8 else "auto", scale)
     ref = concat_and_cache_mla_ref(kv_c, k_pe, before, slots, scale)
     fp8 = cache_dtype == FP8
     # fp8: one ulp for a rounding-boundary flip (12.5% relative, 2^-9 absolute among subnormals)
@@ -267,7 +267,7 @@ def test_cache_ops_production_dims(cache_dtype):
     pos = torch.randint(0, 8192, (tokens,), device="cuda")
     cache2 = torch.randn(blocks * bs, 1, LORA + ROPE, generator=gen, device="cuda").to(cache_dtype)
     before2 = cache2.clone()
-    q_out, _, k_pe_out, _ = cache_ops.fused_qk_rope_cat_and_cache_mla(
+    q_out, _, k_pe_out, _ = api.fused_qk_rope_cat_and_cache_mla(
         q_nope, q_pe, kv_c[:, None], k_pe[:, None], cache2, slots, pos, cos, sin, scale, is_neox=False)
     ref_q, ref_kpe, ref_cache = fused_qk_rope_cat_and_cache_mla_ref(q_nope, q_pe, kv_c[:, None], k_pe[:, None],
                                                                    before2, slots, pos, cos, sin, scale, False)
@@ -293,7 +293,7 @@ def test_sglang_decode_attention_fwd(mla, heads, kv_heads, d_k, d_v, page):
     o = nan_like((len(lens), heads, d_v), BF16, "cuda")
     lse = nan_like((len(lens), heads), torch.float32, "cuda")
     logits = nan_like((len(lens), heads, 8, d_v + 1), torch.float32, "cuda")
-    triton_api.decode_attention_fwd(q, k_buffer, v_buffer, o, lse, req_to_token, b_seq_len, logits, 8, d_k ** -0.5,
+    api.decode_attention_fwd(q, k_buffer, v_buffer, o, lse, req_to_token, b_seq_len, logits, 8, d_k ** -0.5,
                                     page_size=page)
     ref_o, ref_lse = decode_paged_ref(q, k_buffer, v_buffer, req_to_token, b_seq_len, page_size=page,
                                       sm_scale=d_k ** -0.5)

@@ -2,24 +2,16 @@
 
 One program per token (``program_id(0)``); the second grid axis walks blocks of query heads,
 and its last index writes the token's cache row. Slots < 0 are skipped. fp8 caches store
-``x / scale`` (clamped to the type's range); the RoPE formula is :mod:`.rope`'s.
+``x / scale`` (clamped to the type's range); the RoPE formula is :mod:`.rope`'s. Kernels only:
+:mod:`.launch` launches them.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
 import triton
 import triton.language as tl
 
-from aiter_core.triton_utils import cdiv
-
-from .launch import next_pow2
 from .rope import rope_indices
-
-Tensor = torch.Tensor
-BLOCK_HQ = 16
 
 
 @triton.jit
@@ -59,33 +51,6 @@ def _concat_cache_kernel(
     mp = offs_p < tl.where(live, PE, 0)
     y = tl.load(KPE + t * stride_pt + offs_p, mask=mp, other=0.0).to(tl.float32)
     tl.store(row + LORA + offs_p, _to_store(y, s, FP8, FP8_MAX, Cache.dtype.element_ty), mask=mp)
-
-
-def _fp8_max(dtype: torch.dtype) -> float:
-    return float(torch.finfo(dtype).max) if (dtype.itemsize == 1 and dtype.is_floating_point) else 0.0
-
-
-def _cache_rows(kv_cache: Tensor) -> tuple[int, int, int]:
-    """(block stride, slot-in-block stride, block size) of ``[nb, bs, D]`` / ``[nb, bs, 1, D]`` /
-    ``[rows, 1, D]``-as-``[rows, D]`` caches."""
-    return kv_cache.stride(0), kv_cache.stride(1), kv_cache.shape[1]
-
-
-def concat_and_cache(kv_c: Tensor, k_pe: Tensor, kv_cache: Tensor, slot_mapping: Tensor, scale: Optional[Tensor]):
-    tokens = slot_mapping.shape[0]
-    if tokens == 0:
-        return
-    lora, pe = kv_c.shape[-1], k_pe.shape[-1]
-    kvc = kv_c.reshape(tokens, lora)
-    kpe = k_pe.reshape(tokens, pe)
-    fp8 = _fp8_max(kv_cache.dtype) > 0
-    sb, ss, bs = _cache_rows(kv_cache)
-    one = torch.ones(1, dtype=torch.float32, device=kv_cache.device)
-    _concat_cache_kernel[(tokens,)](
-        kvc, kvc.stride(0), kpe, kpe.stride(0), kv_cache, sb, ss, slot_mapping, scale if scale is not None else one, bs,
-        LORA=lora, PE=pe, BLOCK_L=next_pow2(lora), BLOCK_P=next_pow2(pe), FP8=fp8, FP8_MAX=_fp8_max(kv_cache.dtype),
-        num_warps=4,
-    )
 
 
 @triton.jit
@@ -149,60 +114,3 @@ def _fused_rope_cache_kernel(
                  mask=m1 & live)
         tl.store(row + pe_off + o2[None, :], _to_store(kr, ks, K_FP8, K_FP8_MAX, Cache.dtype.element_ty),
                  mask=m2 & live)
-
-
-def _launch_fused(q_nope, q_pe, k_nope, k_pe, kv_cache_rows, cache_head_stride, block_size, slot_mapping, pos, cos,
-                  sin, q_out, k_pe_out, decode_q_pe_out, q_scale, k_scale, is_neox, nope_first):
-    """``k_nope``/``k_pe`` are ``[T, KH, D]``; ``kv_cache_rows`` is addressed as
-    ``block * stride(0) + in_block * stride(1) + head * cache_head_stride``."""
-    n_q, q_heads, d1 = q_nope.shape
-    d2 = q_pe.shape[-1]
-    n_k, k_heads = k_nope.shape[0], k_nope.shape[1]
-    tokens = max(n_q, n_k)
-    if tokens == 0:
-        return
-    if k_heads > BLOCK_HQ:
-        raise ValueError(f"at most {BLOCK_HQ} KV heads are supported, got {k_heads}")
-    one = torch.ones(1, dtype=torch.float32, device=q_nope.device)
-    q_fp8, k_fp8 = _fp8_max(q_out.dtype), _fp8_max(kv_cache_rows.dtype)
-    dqp = decode_q_pe_out
-    grid = (tokens, cdiv(q_heads, BLOCK_HQ) + 1)
-    _fused_rope_cache_kernel[grid](
-        q_nope, q_nope.stride(0), q_nope.stride(1), q_pe, q_pe.stride(0), q_pe.stride(1),
-        k_nope, k_nope.stride(0), k_nope.stride(1), k_pe, k_pe.stride(0), k_pe.stride(1),
-        q_out, q_out.stride(0), q_out.stride(1),
-        k_pe_out if k_pe_out is not None else one, k_pe_out.stride(0) if k_pe_out is not None else 0,
-        k_pe_out.stride(1) if k_pe_out is not None else 0,
-        dqp if dqp is not None else one, dqp.stride(0) if dqp is not None else 0, dqp.stride(1) if dqp is not None else 0,
-        dqp.shape[0] if dqp is not None else 0,
-        kv_cache_rows, kv_cache_rows.stride(0), kv_cache_rows.stride(1), cache_head_stride, block_size, slot_mapping,
-        pos, cos, sin, cos.stride(0), q_scale if q_scale is not None else one, k_scale if k_scale is not None else one,
-        n_q, n_k, q_heads, k_heads,
-        D1=d1, D2=d2, B1=next_pow2(d1), B2=next_pow2(d2), BLOCK_HQ=BLOCK_HQ, IS_NEOX=is_neox,
-        COS_FULL=cos.shape[-1] == d2, NOPE_FIRST=nope_first, Q_FP8=q_fp8 > 0, K_FP8=k_fp8 > 0,
-        Q_FP8_MAX=q_fp8, K_FP8_MAX=k_fp8, HAS_KPE_OUT=k_pe_out is not None, HAS_DQP=dqp is not None,
-        num_warps=4,
-    )
-
-
-def fused_rope_concat(q_nope, q_pe, kv_c, k_pe, kv_cache, q_out, slot_mapping, k_scale, q_scale, positions, cos_cache,
-                      sin_cache, is_neox, is_nope_first):
-    """``fused_qk_rope_concat_and_cache_mla``: cache ``[nb, bs, (1,) D]``, one KV head."""
-    tokens = kv_c.shape[0]
-    k_nope = kv_c.reshape(tokens, 1, -1)
-    k_rope = k_pe.reshape(tokens, 1, -1)
-    _launch_fused(q_nope, q_pe, k_nope, k_rope, kv_cache, 0, kv_cache.shape[1], slot_mapping, positions, cos_cache,
-                  sin_cache, q_out, None, None, q_scale, k_scale, is_neox, is_nope_first)
-
-
-def fused_rope_cat(q_nope, q_pe, k_nope, k_pe, kv_cache, slot_mapping, pos, cos, sin, k_scale, is_neox, apply_scale,
-                   q_out, k_pe_out, decode_q_pe_out, q_nope_zeros_out):
-    """``fused_qk_rope_cat_and_cache_mla``: cache ``[rows, KH, D1 + D2]``, slot = row."""
-    scale = k_scale if apply_scale else None
-    if scale is None and _fp8_max(kv_cache.dtype) > 0:
-        scale = torch.ones(1, dtype=torch.float32, device=kv_cache.device)
-    rows = kv_cache.unsqueeze(1)  # [rows, 1, KH, D]: block size 1
-    _launch_fused(q_nope, q_pe, k_nope, k_pe, rows, kv_cache.stride(1), 1, slot_mapping, pos, cos, sin, q_out,
-                  k_pe_out, decode_q_pe_out, None, scale, is_neox, True)
-    if q_nope_zeros_out is not None:
-        q_nope_zeros_out.zero_()

@@ -11,19 +11,13 @@ of a pair. Tables are ``[max_pos, ROT/2]`` (frequency ``f``) or full width ``[ma
 (indexed by ``j``).
 
 The RoPE helper may move to ``aiter_core.triton_attn`` (DESIGN: shared RoPE lives in core).
+Kernels only: :mod:`.launch` launches them.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
 import triton
 import triton.language as tl
-
-from .launch import attention, next_pow2
-
-Tensor = torch.Tensor
 
 
 @triton.jit
@@ -85,40 +79,3 @@ def _rope_decode_kernel(
     xp = tl.load(kbase + partner, mask=kok & rot, other=0.0).to(tl.float32)
     y = tl.where(rot, x * c + sign * xp * s, x)
     tl.store(KPe + b.to(tl.int64) * stride_kpe + offs, y.to(KPe.dtype.element_ty), mask=kok)
-
-
-def rope_for_decode(q: Tensor, k_buffer: Tensor, kv_indptr: Tensor, kv_indices: Tensor, k_pe_tokens: Tensor,
-                    kv_lora_rank: int, rotary_dim: int, cos_sin_cache: Tensor, positions: Tensor,
-                    is_neox_style: bool) -> tuple[Tensor, Tensor]:
-    """(q with its rope part rotated, k_pe_tokens as ``[B, rope]``) for the grouped decode."""
-    batch, heads, dim = q.shape
-    rope = dim - kv_lora_rank
-    q_rot = q.clone()
-    k_pe = k_pe_tokens.view(batch, rope)
-    _rope_decode_kernel[(batch,)](
-        q, q.stride(0), q.stride(1), q_rot, q_rot.stride(0), q_rot.stride(1),
-        k_buffer, k_buffer.stride(0), k_pe, k_pe.stride(0),
-        kv_indptr, kv_indices, positions, cos_sin_cache, cos_sin_cache.stride(0),
-        heads,
-        LORA=kv_lora_rank, ROPE=rope, ROT=rotary_dim, BLOCK_R=max(16, next_pow2(rope)), BLOCK_HQ=16,
-        IS_NEOX=is_neox_style, num_warps=4,
-    )
-    return q_rot, k_pe
-
-
-def grouped_decode(q: Tensor, k_buffer: Tensor, v_buffer: Tensor, o: Tensor, kv_indptr: Tensor, kv_indices: Tensor,
-                   attn_logits: Tensor, kv_lora_rank: int, num_kv_splits: int, sm_scale: float,
-                   last_rope: Optional[Tensor], softcap: float = 0.0) -> None:
-    """SGLang decode (page size 1, token-level ``kv_indptr``/``kv_indices``): split partials in
-    ``attn_logits [B, H, S, lora + 1]`` (``[..., :lora]`` output, ``[..., lora]`` LSE), merged into ``o``."""
-    batch = q.shape[0]
-    qo_indptr = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
-    # V shares storage with K's first lora columns (the usual SGLang view): read it from the K row
-    same = (v_buffer.data_ptr() == k_buffer.data_ptr() and v_buffer.stride() == k_buffer.stride()
-            and v_buffer.shape[-1] == kv_lora_rank)
-    partial_o = attn_logits[..., :kv_lora_rank].permute(0, 2, 1, 3)  # [B, S, H, lora]
-    partial_lse = attn_logits[..., kv_lora_rank].permute(0, 2, 1)  # [B, S, H]
-    attention(q, k_buffer, o, qo_indptr=qo_indptr, max_seqlen_q=1, table_mode=2, page_size=1,
-              d_nope=kv_lora_rank, sm_scale=sm_scale, causal=False, kv_indptr=kv_indptr, kv_indices=kv_indices,
-              v=None if same else v_buffer, num_splits=num_kv_splits, partial_o=partial_o, always_partials=True,
-              partial_lse=partial_lse, softcap=softcap, last_rope=last_rope)
