@@ -2,7 +2,7 @@
 family the launcher picks (2D/3D, decode/prefill tiles, head dims 64-512, GQA 1/3/8/16, KV block
 sizes 16-128, bf16 / fp8 KV / fp8 q+KV, fp8 output, every optional feature) and check each fits
 the H100's shared memory (232448 bytes per block, opt-in). Arguments are built from meta tensors
-through the launcher's own ``plan`` and ``kernel_args``."""
+through the checks' Call and the launcher's own ``plan`` and ``kernel_args``."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1",
 
 
 from aiter_core.testing import SM90_SMEM_PER_BLOCK, compile_for_sm90, example_signature  # noqa: E402
+from aiter_unified.checks import unified_attention as check_call  # noqa: E402
 from aiter_unified.triton.kernel import unified_attn_kernel  # noqa: E402
-from aiter_unified.triton.launch import kernel_args, plans  # noqa: E402
+from aiter_unified.triton.launch import kernel_args, plan  # noqa: E402
 
 H100_SMEM = SM90_SMEM_PER_BLOCK
 META = "meta"
@@ -68,26 +69,31 @@ def test_config_compiles_and_fits_sm90(cfg, offset_bits):
     cu, used, table = torch.empty(num_seqs + 1, **i32), torch.empty(num_seqs, **i32), torch.empty(num_seqs, 512, **i32)
     scalar = torch.empty(1, device=META)
     window = 1 + wl if wl >= 0 else 0
-    launches = plans(num_tokens=tokens, num_seqs=num_seqs, heads_q=hq, heads_kv=hk, head_dim=d, max_seqlen_q=mq,
-                     max_seqlen_k=mk, sliding_window=window, device=torch.device("cpu"), force=kind)
+    call = check_call(
+        q, k, k, out, cu, mq, used, mk, 0.1, True, (wl, 0), table, 30.0 if "softcap" in feats else 0.0,
+        scalar if "qkv" in feats else None, scalar if feats & {"kv", "qkv"} else None,
+        scalar if feats & {"kv", "qkv"} else None,
+        sinks=torch.empty(hq, device=META) if "sinks" in feats else None,
+        alibi_slopes=torch.empty(hq, device=META) if "alibi" in feats else None,
+        qq_bias=torch.empty(mq, mq, device=META) if "qq" in feats else None,
+        output_scale=scalar if "oscale" in feats else None)
+    assert call.sliding_window == window
+    launches = plan(call, force=kind)
     # every launch of the call: a 2D mixed batch runs a small-tile and a prefill-tile launch
     assert len(launches) == (2 if kind == "2d" and mq > 16 and d <= 128 else 1)
     for p in launches:
         segs = None
-        if not p.use_2d:
-            segs = dict(segm_out=torch.empty(tokens, hq, p.num_segments, p.block_d, device=META),
-                        segm_max=torch.empty(tokens, hq, p.num_segments, device=META),
-                        segm_sum=torch.empty(tokens, hq, p.num_segments, device=META))
-        args, consts = kernel_args(
-            q, k, k, out, cu, used, table, softmax_scale=0.1, softcap=30.0 if "softcap" in feats else 0.0,
-            sliding_window=window, sinks=torch.empty(hq, device=META) if "sinks" in feats else None,
-            alibi_slopes=torch.empty(hq, device=META) if "alibi" in feats else None,
-            qq_bias=torch.empty(mq, mq, device=META) if "qq" in feats else None,
-            q_descale=scalar if "qkv" in feats else None, k_descale=scalar if feats & {"kv", "qkv"} else None,
-            v_descale=scalar if feats & {"kv", "qkv"} else None, output_scale=scalar if "oscale" in feats else None,
-            p=p, **(segs or {}))
+        segments = p.grid[2]
+        if segments > 1:
+            block_d = p.consts["BLOCK_D"]
+            segs = (torch.empty(tokens, hq, segments, block_d, device=META),
+                    torch.empty(tokens, hq, segments, device=META), torch.empty(tokens, hq, segments, device=META))
+        args = kernel_args(call, p, segs)
+        consts = {n: v for n, v in p.consts.items() if n not in p.config.options}  # a copy: the config is shared
         assert consts["OFFSET_BITS"] == 32  # these caches are small
         consts["OFFSET_BITS"] = offset_bits  # what a cache past 2**31 elements gets
-        kernel = compile_sm90(unified_attn_kernel, args, consts, p.num_warps, p.num_stages)
-        print(f"{cfg}: BLOCK_M {p.block_m} TILE_N {p.tile_n} segs {p.num_segments} blocks/seq {p.blocks_per_seq} "
-              f"warps {p.num_warps} stages {p.num_stages}: {kernel.metadata.shared} bytes shared")
+        kernel = compile_sm90(unified_attn_kernel, args, consts, p.config.options["num_warps"],
+                              p.config.options["num_stages"])
+        c = p.consts
+        print(f"{cfg}: BLOCK_M {c['BLOCK_M']} TILE_N {c['TILE_N']} segs {segments} blocks/seq {c['BLOCKS_PER_SEQ']} "
+              f"warps {c['num_warps']} stages {c['num_stages']}: {kernel.metadata.shared} bytes shared")

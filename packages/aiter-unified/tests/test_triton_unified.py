@@ -14,8 +14,9 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and no
 
 import aiter_unified  # noqa: E402
 from aiter_core.triton_attn import splitk_merge_reference  # noqa: E402
+from aiter_unified.checks import unified_attention as check_call  # noqa: E402
 from aiter_unified.reference import unified_attention_ref  # noqa: E402
-from aiter_unified.testing import make_batch, random_seqs  # noqa: E402
+from aiter_unified.testing import make_batch, random_seqs, run_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F16, F32, FP8 = torch.float16, torch.float32, torch.float8_e4m3fn
@@ -33,13 +34,11 @@ def _extras(b, *, alibi, qq, sinks, seed):
 
 def _run_triton(b, *, force, scale, window, softcap, extras, num_segments=None, descales=(None, None, None),
                 output_scale=None, out_dtype=None, tile_n=None):
-    from aiter_unified.triton.launch import unified_attention_triton
-
     out = torch.full(b.q.shape, float("nan"), dtype=out_dtype or b.q.dtype, device=DEV)
     qd, kd, vd = descales
-    unified_attention_triton(b.q, b.k, b.v, out, b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k, b.max_seqlen_k, scale,
-                             window, b.block_table, softcap, qd, kd, vd, output_scale=output_scale, force=force,
-                             num_segments=num_segments, tile_n=tile_n, **extras)
+    run_triton(b.q, b.k, b.v, out, b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k, b.max_seqlen_k, scale, window,
+               b.block_table, softcap, qd, kd, vd, output_scale=output_scale, force=force, num_segments=num_segments,
+               tile_n=tile_n, **extras)
     return out
 
 
@@ -98,14 +97,13 @@ def test_mixed_batch_split_at_short_q_boundary():
     """A single-pass mixed batch runs two launches (sequences of <= SHORT_Q new tokens on the small
     tile, the rest on the prefill tile): lengths at SHORT_Q and SHORT_Q + 1, empty and decode
     sequences must each be attended exactly once."""
-    from aiter_unified.triton.launch import SHORT_Q, plans
+    from aiter_unified.triton.launch import SHORT_Q, plan
 
     seqs = [(1, 40), (SHORT_Q, 30), (SHORT_Q + 1, 50), (0, 5), (3, 3), (40, 90), (1, 1)]
     b = make_batch(seqs, heads_q=6, heads_kv=2, head_dim=32, block_size=16, dtype=F16, device=DEV, seed=21)
-    launches = plans(num_tokens=b.q.shape[0], num_seqs=len(seqs), heads_q=6, heads_kv=2, head_dim=32,
-                     max_seqlen_q=b.max_seqlen_q, max_seqlen_k=b.max_seqlen_k, sliding_window=0,
-                     device=torch.device(DEV))
-    assert len(launches) == 2
+    call = check_call(b.q, b.k, b.v, torch.empty_like(b.q), b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k,
+                      b.max_seqlen_k, 0.2, True, (-1, -1), b.block_table, 0.0, None, None, None)
+    assert len(plan(call)) == 2
     out = _run_triton(b, force=None, scale=0.2, window=(-1, -1), softcap=0.0, extras={})
     ref = unified_attention_ref(b.q, b.k, b.v, b.cu_seqlens_q, b.seqused_k, b.block_table, 0.2)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=2e-3)
@@ -159,32 +157,26 @@ def test_64_bit_offsets_give_the_same_result():
     """Caches of 2**31 elements or more get int64 address arithmetic (OFFSET_BITS=64), smaller ones
     int32: both on the same small batch, 2D and 3D, against the reference."""
     from aiter_unified.triton.kernel import unified_attn_kernel
-    from aiter_unified.triton.launch import _segment_buffers, kernel_args, plan
+    from aiter_unified.triton.launch import kernel_args, plan, segment_buffers
 
     b = make_batch([(1, 37), (9, 30), (5, 5)], heads_q=4, heads_kv=2, head_dim=32, block_size=16, dtype=F16,
                    device=DEV, seed=21)
     scale = 32 ** -0.5
     ref = unified_attention_ref(b.q, b.k, b.v, b.cu_seqlens_q, b.seqused_k, b.block_table, scale)
-    common = dict(softmax_scale=scale, softcap=0.0, sliding_window=0, sinks=None, alibi_slopes=None, qq_bias=None,
-                  q_descale=None, k_descale=None, v_descale=None, output_scale=None)
     for force in ("2d", "3d"):
-        p = plan(num_tokens=b.q.shape[0], num_seqs=3, heads_q=4, heads_kv=2, head_dim=32, max_seqlen_q=b.max_seqlen_q,
-                 max_seqlen_k=b.max_seqlen_k, sliding_window=0, device=b.q.device, force=force, num_segments=2,
-                 tile_n=16)
         for bits in (32, 64):
             out = torch.full(b.q.shape, float("nan"), dtype=b.q.dtype, device=DEV)
-            segs = {} if p.use_2d else dict(zip(("segm_out", "segm_max", "segm_sum"),
-                                                _segment_buffers(b.q, p.num_segments, p.block_d)))
-            args, consts = kernel_args(b.q, b.k, b.v, out, b.cu_seqlens_q, b.seqused_k, b.block_table, p=p,
-                                       **common, **segs)
-            assert consts["OFFSET_BITS"] == 32
-            consts["OFFSET_BITS"] = bits
-            unified_attn_kernel[(p.query_blocks, 2, p.num_segments)](*args, **consts, num_warps=p.num_warps,
-                                                                     num_stages=p.num_stages)
-            if not p.use_2d:
-                segm_out, segm_max, segm_sum = segs["segm_out"], segs["segm_max"], segs["segm_sum"]
-                merged, _ = splitk_merge_reference(segm_out[..., :32], segm_max, segm_sum)
-                out = merged.to(out.dtype)
+            call = check_call(b.q, b.k, b.v, out, b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k, b.max_seqlen_k, scale,
+                              True, (-1, -1), b.block_table, 0.0, None, None, None)
+            for p in plan(call, force=force, num_segments=2, tile_n=16):
+                segs = None if p.grid[2] == 1 else segment_buffers(call, p)
+                consts = dict(p.consts)  # a copy: the launch config is shared
+                assert consts["OFFSET_BITS"] == 32
+                consts["OFFSET_BITS"] = bits
+                unified_attn_kernel[p.grid](*kernel_args(call, p, segs), **consts)
+                if segs is not None:
+                    merged, _ = splitk_merge_reference(segs[0][..., :32], segs[1], segs[2])
+                    out = merged.to(out.dtype)
             torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=2e-3,
                                        msg=lambda m: f"{force} OFFSET_BITS={bits}: {m}")
 
@@ -194,19 +186,16 @@ def test_v_cache_with_its_own_strides(force):
     """K and V share one address vector when their block and token strides agree
     (SAME_KV_OFFSETS); a V cache laid out differently (here: each token's row padded to twice the
     head dim) takes its own offsets."""
-    from aiter_unified.triton.launch import kernel_args, plan
+    from aiter_unified.triton.launch import plan
 
     b = make_batch([(1, 37), (9, 30), (5, 5)], heads_q=4, heads_kv=2, head_dim=32, block_size=16, dtype=F16,
                    device=DEV, seed=22)
     padded = torch.full((*b.v.shape[:3], 64), float("nan"), dtype=b.v.dtype, device=DEV)
     padded[..., :32] = b.v
     v = padded[..., :32]
-    p = plan(num_tokens=b.q.shape[0], num_seqs=3, heads_q=4, heads_kv=2, head_dim=32, max_seqlen_q=b.max_seqlen_q,
-             max_seqlen_k=b.max_seqlen_k, sliding_window=0, device=b.q.device)
-    _, consts = kernel_args(b.q, b.k, v, b.q, b.cu_seqlens_q, b.seqused_k, b.block_table, softmax_scale=0.1,
-                            softcap=0.0, sliding_window=0, sinks=None, alibi_slopes=None, qq_bias=None, q_descale=None,
-                            k_descale=None, v_descale=None, output_scale=None, p=p)
-    assert consts["SAME_KV_OFFSETS"] is False
+    call = check_call(b.q, b.k, v, b.q, b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k, b.max_seqlen_k, 0.1, True,
+                      (-1, -1), b.block_table, 0.0, None, None, None)
+    assert all(p.consts["SAME_KV_OFFSETS"] is False for p in plan(call))
     ref = unified_attention_ref(b.q, b.k, b.v, b.cu_seqlens_q, b.seqused_k, b.block_table, 0.2)
     b.v = v
     out = _run_triton(b, force=force, scale=0.2, window=(-1, -1), softcap=0.0, extras={}, num_segments=2, tile_n=16)

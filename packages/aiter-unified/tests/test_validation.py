@@ -1,5 +1,6 @@
 """Bad input raises ValueError/TypeError naming the argument; unsupported upstream modes (causal
-False, the shuffled cache, nvfp4 q) are rejected with what is supported. No kernel runs here."""
+False, the shuffled cache, nvfp4 q) are rejected with what is supported; ``torch.ops.aiter.*``
+called directly raises the same errors. No kernel runs here."""
 
 from __future__ import annotations
 
@@ -59,9 +60,8 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("name,over,exc,match", BAD, ids=[b[0] for b in BAD])
-def test_bad_input_raises(batch, name, over, exc, match):
-    b = batch
+def _resolve(b, over):
+    """The overrides of a BAD row (named ones are built from the batch)."""
     if over == "kv32":
         over = dict(k=b.k.float(), v=b.v.float())
     elif over == "fp8q":
@@ -74,5 +74,42 @@ def test_bad_input_raises(batch, name, over, exc, match):
                     out=torch.empty_like(b.q[..., :8]))
     elif over == "cu64":
         over = dict(cu_seqlens_q=b.cu_seqlens_q.long())
+    return over
+
+
+@pytest.mark.parametrize("name,over,exc,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises(batch, name, over, exc, match):
     with pytest.raises(exc, match=match):
-        _call(b, **over)
+        _call(batch, **_resolve(batch, over))
+
+
+# Bad arguments of the right types for the op schema (a list for a Tensor, a float for an int are
+# refused by torch's own argument parsing before the op's checks run).
+NOT_SCHEMA_TYPED = {"q_not_tensor", "max_q_type", "skip_type"}
+DIRECT = [b for b in BAD if b[0] not in NOT_SCHEMA_TYPED]
+
+
+@pytest.mark.parametrize("op", ["unified_attention", "unified_attention_segments"])
+@pytest.mark.parametrize("name,over,exc,match", DIRECT, ids=[b[0] for b in DIRECT])
+def test_torch_op_validates_like_the_public_function(batch, op, name, over, exc, match):
+    """``torch.ops.aiter.<op>(...)`` called directly runs the same checks: same error, same message."""
+    b = batch
+    over = _resolve(b, over)
+    args = dict(q=b.q, k=b.k, v=b.v, out=torch.empty_like(b.q), cu_seqlens_q=b.cu_seqlens_q,
+                max_seqlen_q=b.max_seqlen_q, seqused_k=b.seqused_k, max_seqlen_k=b.max_seqlen_k, softmax_scale=0.1,
+                causal=True, window_size=(-1, -1), block_table=b.block_table, softcap=0.0, q_descale=None,
+                k_descale=None, v_descale=None)
+    args.update(over)
+    args["window_size"] = list(args["window_size"])  # what the dispatcher hands the op for an int[]
+    with pytest.raises(exc, match=match) as public:
+        aiter_unified.unified_attention(**args, skip_reduce=op == "unified_attention_segments")
+    with pytest.raises(exc, match=match) as direct:
+        getattr(torch.ops.aiter, op)(**args)
+    assert str(direct.value) == str(public.value)
+
+
+def test_skip_reduce_has_no_reference_backend(batch):
+    from aiter_core.registry import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="unified_attention_segments"):
+        _call(batch, skip_reduce=True)  # backend="reference"

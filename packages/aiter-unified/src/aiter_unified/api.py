@@ -1,12 +1,12 @@
 """Public API: ``unified_attention`` with upstream AITER's signature (aiter.ops.triton.attention.
 unified_attention, from vLLM). See :mod:`aiter_unified.reference` for the exact semantics and
-README.md for the support matrix."""
+README.md for the support matrix. Every argument is validated inside the op
+(:mod:`aiter_unified.checks`); ``skip_reduce`` picks the op."""
 
 from __future__ import annotations
 
-import torch
-
-from ._checks import check_unified_args
+from . import ops
+from .checks import skip_reduce_flag
 
 __all__ = ["unified_attention"]
 
@@ -26,15 +26,8 @@ def unified_attention(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_s
     (``out`` untouched; ``segm_output`` holds normalised per-segment outputs, ``segm_max`` the
     per-segment max logit in natural-log units). ``backend``: force "triton" or "reference".
     """
-    check_unified_args(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale, causal,
-                       window_size, block_table, softcap, q_descale, k_descale, v_descale, q_scales, alibi_slopes,
-                       output_scale, qq_bias, sinks, shuffled_kv_cache, skip_reduce)
-    from . import ops
-
-    args = (q, k, v, out, cu_seqlens_q, int(max_seqlen_q), seqused_k, int(max_seqlen_k), float(softmax_scale),
-            [int(w) for w in window_size], block_table, float(softcap), q_descale, k_descale, v_descale,
-            alibi_slopes, output_scale, qq_bias, sinks, backend or "")
-    if skip_reduce:
-        return tuple(torch.ops.aiter.unified_attention_segments(*args))
-    ops.unified_attention_op(*args)
-    return out
+    op = ops.unified_attention_segments if skip_reduce_flag(skip_reduce) else ops.unified_attention
+    segments = op(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale, causal,
+                  window_size, block_table, softcap, q_descale, k_descale, v_descale, q_scales, alibi_slopes,
+                  output_scale, qq_bias, sinks, shuffled_kv_cache, backend)
+    return out if segments is None else tuple(segments)

@@ -1,14 +1,20 @@
-"""Backends of ``unified_attention`` in ``aiter_core``'s registry, and their adaptors.
+"""Backends of the family's ops in ``aiter_core``'s registry.
 
-* ``triton`` (priority 100): :mod:`aiter_unified.triton` (CUDA, or CPU under TRITON_INTERPRET=1).
-* ``reference`` (priority 0): :mod:`aiter_unified.reference` in PyTorch, any device; it syncs with
-  the host, so it is not for CUDA graphs, and it has no segment buffers (``skip_reduce``).
+* ``triton`` (priority 100): :mod:`aiter_unified.triton.launch` (CUDA, or CPU under
+  TRITON_INTERPRET=1), both ops.
+* ``reference`` (priority 0): :mod:`aiter_unified.reference` in PyTorch, any device, for
+  ``unified_attention`` only (it has no segment buffers); it syncs with the host, so it is not for
+  CUDA graphs.
 
-Importing this module is cheap (no torch, no Triton): the entry points ``aiter.backends`` ->
-:func:`backend_specs` and ``aiter.families`` -> :data:`family` only describe.
+Each implementation takes the op's :class:`~aiter_unified.checks.Call`. Importing this module is
+cheap (no Triton, no kernel module): the entry points ``aiter.backends`` -> :func:`backend_specs`
+and ``aiter.families`` -> :data:`family` only describe; the functions below import their backend
+on first call.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 from aiter_core.registry import (
     BackendSpec,
@@ -24,64 +30,50 @@ OPS = ("unified_attention", "unified_attention_segments")
 TRITON_PRIORITY = 100
 REFERENCE_PRIORITY = 0
 
-__all__ = ["OPS", "backend_specs", "family", "triton_supports", "reference_supports", "make_problem"]
+__all__ = ["OPS", "backend_specs", "family", "triton_supports"]
 
 
-def make_problem(q, k, *, skip_reduce=False):
-    from aiter_core.registry import Problem
-
-    return Problem(device=q.device, device_type=q.device.type, dtype=q.dtype, kv_dtype=k.dtype, head_dim=q.shape[-1],
-                   skip_reduce=skip_reduce)
+def triton_supports(key) -> list[str]:
+    """Why the Triton kernels cannot run a call with this Call key (empty list: they can)."""
+    return triton_device_reasons(key.device_type) + triton_dtype_reasons(key.device_type, (key.dtype, key.kv_dtype))
 
 
-def triton_supports(problem) -> list[str]:
-    """Why the Triton kernels cannot run ``problem`` (empty list: they can)."""
-    return triton_device_reasons(problem.device) + triton_dtype_reasons(problem.device,
-                                                                         (problem.dtype, problem.kv_dtype))
+def triton_unified_attention(call) -> None:
+    _triton_launch().unified_attention(call)
 
 
-def reference_supports(problem) -> list[str]:
-    if getattr(problem, "skip_reduce", False):
-        return ["the reference has no split-KV segment buffers (skip_reduce=True)"]
-    return []
+def triton_unified_attention_segments(call) -> list:
+    return _triton_launch().unified_attention_segments(call)
+
+
+@cache
+def _triton_launch():
+    """:mod:`aiter_unified.triton.launch`, imported on the first call (it imports Triton)."""
+    from .triton import launch
+
+    return launch
+
+
+def reference_unified_attention(call) -> None:
+    from .reference import unified_attention_ref
+
+    res = unified_attention_ref(call.q, call.k, call.v, call.cu_seqlens_q, call.seqused_k, call.block_table,
+                                call.softmax_scale, window_size=call.window_size, softcap=call.softcap,
+                                q_descale=call.q_descale, k_descale=call.k_descale, v_descale=call.v_descale,
+                                alibi_slopes=call.alibi_slopes, output_scale=call.output_scale,
+                                qq_bias=call.qq_bias, sinks=call.sinks, out_dtype=call.out.dtype)
+    call.out.copy_(res)
 
 
 def backend_specs() -> list[BackendSpec]:
     """Entry point ``aiter.backends`` -> ``unified``."""
-    triton = specs_for(OPS, backend="triton", impl="aiter_unified.backends:triton_{op}", priority=TRITON_PRIORITY,
-                       available=triton_available, supports=triton_supports, cuda_graph=True,
+    triton = specs_for({"unified_attention": triton_unified_attention,
+                        "unified_attention_segments": triton_unified_attention_segments},
+                       backend="triton", priority=TRITON_PRIORITY, available=triton_available,
+                       supports=triton_supports, cuda_graph=True,
                        description="Triton 2D/3D unified paged attention (CUDA; CPU under TRITON_INTERPRET=1)")
-    # the reference computes unified_attention only: it has no segment buffers
-    return triton + reference_specs(("unified_attention",), "aiter_unified.backends", priority=REFERENCE_PRIORITY,
-                                    supports=reference_supports)
+    return triton + reference_specs({"unified_attention": reference_unified_attention}, priority=REFERENCE_PRIORITY)
 
 
 family = Family(name="unified", distribution="aiter-unified", smoke="aiter_unified.smoke:run",
                 bench="aiter_unified.bench:main", ops=OPS)
-
-
-# -- adaptors: keyword arguments of the op, minus skip_reduce / backend ---------------------------
-
-
-def triton_unified_attention(**kw):
-    from .triton.launch import unified_attention_triton
-
-    unified_attention_triton(**kw, skip_reduce=False)
-
-
-def triton_unified_attention_segments(**kw):
-    from .triton.launch import unified_attention_triton
-
-    return unified_attention_triton(**kw, skip_reduce=True)
-
-
-def reference_unified_attention(*, q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
-                                window_size, block_table, softcap, q_descale, k_descale, v_descale, alibi_slopes,
-                                output_scale, qq_bias, sinks):
-    from .reference import unified_attention_ref
-
-    res = unified_attention_ref(q, k, v, cu_seqlens_q, seqused_k, block_table, softmax_scale, window_size=window_size,
-                                softcap=softcap, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
-                                alibi_slopes=alibi_slopes, output_scale=output_scale, qq_bias=qq_bias, sinks=sinks,
-                                out_dtype=out.dtype)
-    out.copy_(res)

@@ -14,8 +14,8 @@ Every provider is captured in a CUDA graph and timed by replay (``aiter_core.ben
 L2 flushed), so Python launch overhead is excluded. The peers are other aiter families, loaded
 only here and only if installed (a row says so when one is missing). ``unified-2d`` /
 ``unified-3d`` rows force one kernel. ``--sweep`` adds a ``sweep`` row per tile config
-(``AITER_UNIFIED_CONFIG`` = block_m, tile_n, warps, stages; :data:`SWEEP`), each checked against
-the default config's output first. Writes a table and ``unified.json/.md`` into ``--out``.
+(``AITER_UNIFIED_ATTENTION_CONFIG="BLOCK_M=..,TILE_N=..,num_warps=..,num_stages=.."``;
+:data:`SWEEP`), each checked against the default config's output first. Writes a table and ``unified.json/.md`` into ``--out``.
 Without a GPU it runs the family smoke test instead (``--device cpu --tiny`` runs the machinery
 on toy sizes in the interpreter, for the CPU test of this CLI).
 """
@@ -28,13 +28,16 @@ import os
 import sys
 from pathlib import Path
 
+from aiter_core.configs import variable
+
 SHAPES = ("decode", "prefill", "mixed")
+CONFIG_VARIABLE = variable("unified_attention")  # AITER_UNIFIED_ATTENTION_CONFIG
 H_Q, H_KV, D, BS = 32, 8, 128, 16
 # --tiny: the same code on toy sizes (CPU interpreter)
 FULL = dict(hq=H_Q, hkv=H_KV, d=D, decodes=64, decode_ctx=4096, prefills=8, prefill_len=2048, mixed_prefills=4,
             mixed_len=1024)
 TINY = dict(hq=4, hkv=2, d=32, decodes=2, decode_ctx=40, prefills=2, prefill_len=24, mixed_prefills=1, mixed_len=16)
-# --sweep configs (block_m, tile_n, num_warps, num_stages): decode keeps few rows per program,
+# --sweep configs (BLOCK_M, TILE_N, num_warps, num_stages): decode keeps few rows per program,
 # prefill and mixed batches feed bigger dots
 SWEEP = {
     "decode": [(bm, tn, 4, st) for bm in (16, 32) for tn in (32, 64, 128) for st in (2, 3, 4)],
@@ -88,14 +91,14 @@ def _providers(shape, b, scale, dims=FULL):
     import torch
 
     from .api import unified_attention
-    from .triton.launch import unified_attention_triton
+    from .testing import run_triton
 
     out = torch.empty_like(b.q)
     common = (b.q, b.k, b.v, out, b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k, b.max_seqlen_k, scale)
     provs = {"unified": lambda: unified_attention(*common, True, (-1, -1), b.block_table, 0.0, None, None, None,
                                                   backend="triton")}
     for force in ("2d", "3d"):
-        provs[f"unified-{force}"] = (lambda f=force: unified_attention_triton(
+        provs[f"unified-{force}"] = (lambda f=force: run_triton(
             *common, (-1, -1), b.block_table, 0.0, None, None, None, force=f))
     seqs = _seqs(shape, dims)
     n_pre = sum(1 for q, _ in seqs if q > 1)
@@ -150,11 +153,11 @@ def _sweep_rows(run, shape, b, scale, params, flops, nbytes) -> None:
 
     call()
     expected = out.float().clone()
-    previous = os.environ.get("AITER_UNIFIED_CONFIG")
+    previous = os.environ.get(CONFIG_VARIABLE)
     try:
         for cfg in SWEEP[shape]:
             name = "unified bm{} tn{} w{} s{}".format(*cfg)
-            os.environ["AITER_UNIFIED_CONFIG"] = ",".join(map(str, cfg))
+            os.environ[CONFIG_VARIABLE] = "BLOCK_M={},TILE_N={},num_warps={},num_stages={}".format(*cfg)
             try:
                 out.fill_(float("nan"))
                 call()
@@ -169,9 +172,9 @@ def _sweep_rows(run, shape, b, scale, params, flops, nbytes) -> None:
             run.add("sweep", name, ms, flops=flops, nbytes=nbytes, **params)
     finally:
         if previous is None:
-            os.environ.pop("AITER_UNIFIED_CONFIG", None)
+            os.environ.pop(CONFIG_VARIABLE, None)
         else:
-            os.environ["AITER_UNIFIED_CONFIG"] = previous
+            os.environ[CONFIG_VARIABLE] = previous
 
 
 def run_bench(args) -> int:

@@ -14,8 +14,8 @@ def run() -> str:
     from aiter_core.registry import select
     from aiter_core.testing import check_max_error
 
+    from . import checks
     from .api import unified_attention
-    from .backends import make_problem
     from .reference import unified_attention_ref
     from .testing import make_batch
 
@@ -24,10 +24,11 @@ def run() -> str:
     dtype = torch.bfloat16 if gpu else torch.float16
     b = make_batch([(1, 40), (9, 30), (5, 5)], heads_q=6, heads_kv=2, head_dim=64, block_size=16, dtype=dtype,
                    device=device, seed=0)
-    backend = select("unified_attention", make_problem(b.q, b.k)).backend
     out = torch.full_like(b.q, float("nan"))
-    unified_attention(b.q, b.k, b.v, out, b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k, b.max_seqlen_k, 0.125, True,
-                      (-1, -1), b.block_table, 0.0, None, None, None)
+    args = (b.q, b.k, b.v, out, b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k, b.max_seqlen_k, 0.125, True, (-1, -1),
+            b.block_table, 0.0, None, None, None)
+    backend = select("unified_attention", checks.unified_attention(*args).key).backend
+    unified_attention(*args)
     ref = unified_attention_ref(b.q, b.k, b.v, b.cu_seqlens_q, b.seqused_k, b.block_table, 0.125)
     err = check_max_error("aiter-unified smoke: unified_attention", out, ref, 2e-2)
     where = "GPU" if gpu else ("Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "CPU")

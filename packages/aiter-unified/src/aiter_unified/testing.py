@@ -1,4 +1,5 @@
-"""Test helpers: random mixed prefill/decode batches over a shuffled NHD paged cache."""
+"""Test helpers: random mixed prefill/decode batches over a shuffled NHD paged cache, and the
+Triton launcher with its heuristic overridden."""
 
 from __future__ import annotations
 
@@ -63,3 +64,31 @@ def random_seqs(n, *, max_q, max_ctx, gen: torch.Generator, decode_fraction=0.5)
             ql = int(torch.randint(1, max_q + 1, (1,), generator=gen))
         seqs.append((ql, ctx + ql))
     return seqs
+
+
+def run_triton(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale, window_size,
+               block_table, softcap, q_descale, k_descale, v_descale, alibi_slopes=None, output_scale=None,
+               qq_bias=None, sinks=None, *, skip_reduce=False, force=None, num_segments=None, tile_n=None):
+    """The Triton backend on a checked call, with ``force`` ("2d" / "3d"), ``num_segments`` and
+    ``tile_n`` overriding its heuristic (:func:`aiter_unified.triton.launch.run`)."""
+    from .checks import unified_attention
+    from .triton.launch import run
+
+    call = unified_attention(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale, True,
+                             window_size, block_table, softcap, q_descale, k_descale, v_descale,
+                             alibi_slopes=alibi_slopes, output_scale=output_scale, qq_bias=qq_bias, sinks=sinks)
+    return run(call, skip_reduce=skip_reduce, force=force, num_segments=num_segments, tile_n=tile_n)
+
+
+def sized_call(*, num_tokens, num_seqs, heads_q, heads_kv, head_dim, max_seqlen_q, max_seqlen_k, window_left=-1,
+               block_size=16, dtype=torch.float16, device="meta"):
+    """A checked Call of the given sizes on meta tensors (no data): for the launch plan."""
+    from .checks import unified_attention
+
+    q = torch.empty(num_tokens, heads_q, head_dim, dtype=dtype, device=device)
+    k = torch.empty(num_seqs * -(-max_seqlen_k // block_size), block_size, heads_kv, head_dim, dtype=dtype,
+                    device=device)
+    i32 = dict(dtype=torch.int32, device=device)
+    return unified_attention(q, k, k, torch.empty_like(q), torch.empty(num_seqs + 1, **i32), max_seqlen_q,
+                             torch.empty(num_seqs, **i32), max_seqlen_k, 0.1, True, (window_left, 0),
+                             torch.empty(num_seqs, -(-max_seqlen_k // block_size), **i32), 0.0, None, None, None)

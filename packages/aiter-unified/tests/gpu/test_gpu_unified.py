@@ -12,7 +12,7 @@ import torch
 
 import aiter_unified
 from aiter_unified.reference import unified_attention_ref
-from aiter_unified.testing import make_batch, random_seqs
+from aiter_unified.testing import make_batch, random_seqs, run_triton
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEV = "cuda"
@@ -87,8 +87,6 @@ DECODE_SETS = {"1328": [(1, 1328)], "8192x32": [(1, 8192)] * 32, "three": [(1, 5
 @pytest.mark.parametrize("seqset", list(DECODE_SETS))
 @pytest.mark.parametrize("force", ["heuristic", "3d"])
 def test_triton_unified_attn_3d_decode(seqset, heads, dname, force):
-    from aiter_unified.triton.launch import unified_attention_triton
-
     hq, hk = heads
     qdt, kvdt, qdesc, kvdesc = DTYPES["fp8" if dname == "fp8-out" else dname]
     b = make_batch(DECODE_SETS[seqset], heads_q=hq, heads_kv=hk, head_dim=64, block_size=16,
@@ -99,9 +97,9 @@ def test_triton_unified_attn_3d_decode(seqset, heads, dname, force):
     output_scale = torch.tensor([0.05], device=DEV) if dname == "fp8-out" else None
     sinks = torch.randn(hq, device=DEV)
     out = torch.full(b.q.shape, float("nan"), dtype=BF16, device=DEV).to(out_dtype)
-    unified_attention_triton(b.q, b.k, b.v, out, b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k, b.max_seqlen_k, 0.125,
-                             (-1, -1), b.block_table, 0.0, *descales, sinks=sinks, output_scale=output_scale,
-                             force=None if force == "heuristic" else force)
+    run_triton(b.q, b.k, b.v, out, b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k, b.max_seqlen_k, 0.125, (-1, -1),
+               b.block_table, 0.0, *descales, sinks=sinks, output_scale=output_scale,
+               force=None if force == "heuristic" else force)
     ref = unified_attention_ref(b.q, b.k, b.v, b.cu_seqlens_q, b.seqused_k, b.block_table, 0.125,
                                 q_descale=descales[0], k_descale=descales[1], v_descale=descales[2], sinks=sinks,
                                 output_scale=output_scale, out_dtype=torch.float32)
@@ -117,8 +115,6 @@ def test_triton_unified_attn_3d_decode(seqset, heads, dname, force):
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("force", [None, "2d", "3d"])
 def test_random_prefill_decode_mix_nonpow2_gqa(seed, force):
-    from aiter_unified.triton.launch import unified_attention_triton
-
     gen = torch.Generator().manual_seed(seed)
     seqs = random_seqs(24, max_q=300, max_ctx=3000, gen=gen)
     hq, hk = ((20, 4), (24, 8), (28, 4), (64, 8))[seed]  # GQA 5, 3, 7, 8
@@ -127,9 +123,8 @@ def test_random_prefill_decode_mix_nonpow2_gqa(seed, force):
     alibi = torch.rand(hq, device=DEV) * 0.01
     qq = torch.randn(b.max_seqlen_q, b.max_seqlen_q, device=DEV)
     out = torch.full_like(b.q, float("nan"))
-    unified_attention_triton(b.q, b.k, b.v, out, b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k, b.max_seqlen_k, 0.088,
-                             (-1, -1), b.block_table, 30.0, None, None, None, alibi_slopes=alibi, qq_bias=qq,
-                             force=force)
+    run_triton(b.q, b.k, b.v, out, b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k, b.max_seqlen_k, 0.088, (-1, -1),
+               b.block_table, 30.0, None, None, None, alibi_slopes=alibi, qq_bias=qq, force=force)
     ref = unified_attention_ref(b.q, b.k, b.v, b.cu_seqlens_q, b.seqused_k, b.block_table, 0.088, softcap=30.0,
                                 alibi_slopes=alibi, qq_bias=qq)
     torch.testing.assert_close(out.float(), ref.float(), atol=1.5e-2, rtol=1e-2)
@@ -208,7 +203,6 @@ def test_pool_past_2_31_elements(force):
     """A KV pool of more than 2**31 elements (4.3 GB per fp16 cache) gets int64 address arithmetic;
     the sequences' blocks sit at its far end, where int32 offsets would wrap."""
     from aiter_core.triton_attn import max_element_offset
-    from aiter_unified.triton.launch import unified_attention_triton
 
     b = make_batch([(1, 900), (37, 300), (5, 5)], heads_q=32, heads_kv=8, head_dim=128, block_size=16, dtype=F16,
                    device=DEV, seed=5)
@@ -223,8 +217,8 @@ def test_pool_past_2_31_elements(force):
     table = torch.where(b.block_table >= 0, b.block_table + shift, b.block_table)
     assert max_element_offset(pools[0]) >= 2**31
     out = torch.full(b.q.shape, float("nan"), dtype=F16, device=DEV)
-    unified_attention_triton(b.q, pools[0], pools[1], out, b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k,
-                             b.max_seqlen_k, 128 ** -0.5, (-1, -1), table, 0.0, None, None, None, force=force)
+    run_triton(b.q, pools[0], pools[1], out, b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k, b.max_seqlen_k,
+               128 ** -0.5, (-1, -1), table, 0.0, None, None, None, force=force)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=1e-2)
     del pools
     torch.cuda.empty_cache()

@@ -1,10 +1,12 @@
-"""Host side of the Triton backend: tile choice, the 2D/3D heuristic, the launch and the reduce.
+"""Host side of the Triton backend: a validated :class:`~aiter_unified.checks.Call` -> kernel
+launch(es): tile choice, the 2D/3D heuristic, the launch and the reduce.
 
 Everything is decided from host integers (tensor shapes, ``max_seqlen_q``, ``max_seqlen_k``,
 ``num_seqs``) and the device's SM count, never from tensor values: no host sync, so the call can be
 captured in a CUDA graph (the segment buffers come from the caching allocator).
 
-Heuristic (:func:`plan`), starting from upstream's thresholds:
+Heuristic (:func:`plan`; a Call key's tiles are computed once, :func:`tile_config`), starting from
+upstream's thresholds:
 
 * ``GROUP_P2 = next_pow2(Hq / Hk)``; ``BLOCK_M = max(16, GROUP_P2)`` when every sequence has at most
   16 new tokens (decode, MTP), else ``max(64, GROUP_P2)`` (prefill rows feed bigger dots; the
@@ -14,7 +16,7 @@ Heuristic (:func:`plan`), starting from upstream's thresholds:
   to bound registers and shared memory.
 * ``TILE_N``: 64 key tokens per step for head dims up to 128, 32 above.
 * Mixed batches (``max_seqlen_q > 16``, single pass, head dim <= 128) run as two launches
-  (:func:`plans`): sequences with at most 16 new tokens on the small decode tile, the rest on the
+  (:func:`plan`): sequences with at most 16 new tokens on the small decode tile, the rest on the
   prefill tile. On one 64-row tile a decode sequence's 4 real rows would pay for 64 in every
   dot (the H100 mixed shape ran 0.689 ms that way against 0.547 for aiter-mha + aiter-pa).
 * query blocks: ``num_seqs`` when ``max_seqlen_q == 1`` else ``num_tokens // BLOCK_Q + num_seqs``;
@@ -26,244 +28,306 @@ Heuristic (:func:`plan`), starting from upstream's thresholds:
   unless ``skip_reduce`` asks for the segment buffers. Otherwise the 3D kernel splits every program's keys into
   ``NUM_SEGMENTS = next_pow2(clamp(ceil(4 * SMs / programs_2d), min(8, S_max), S_max))`` segments,
   ``S_max = min(128, ceil(max_seqlen_k / TILE_N))``, and aiter_core's ``splitk_merge`` reduces them.
+* ``AITER_UNIFIED_ATTENTION_CONFIG="BLOCK_M=64,TILE_N=32,num_warps=4,num_stages=3"`` (any of
+  the :class:`TileConfig` fields, :func:`aiter_core.configs.override`) replaces the main tile of
+  both ops (tuning sweeps; ``BLOCK_M`` is raised to the padded GQA group and to 16, tl.dot's
+  minimum); the small-tile launch of a mixed batch keeps its default.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import NamedTuple
 
 import torch
-import triton
 import triton.language as tl
 
+from aiter_core import configs, env
 from aiter_core import triton_attn as ta
-from aiter_core.triton_utils import cdiv
+from aiter_core.triton_utils import cdiv, install_compile_notice
 
+from ..checks import SHORT_Q, Call, Key
 from .kernel import unified_attn_kernel
 
+install_compile_notice()
+
+CONFIG_OP = "unified_attention"  # AITER_UNIFIED_ATTENTION_CONFIG: the main tile of both ops (one kernel)
 FP8_TYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-SHORT_Q = 16  # sequences with at most this many new tokens run on the small (decode) row tile
 TWO_D_PROGRAMS_PER_SM = 4  # this many single-pass programs per SM and the 2D kernel runs
 SEGMENT_PROGRAMS_PER_SM = 4  # the 3D kernel cuts keys into segments until it has this many
+QLEN_MAX = 2**31 - 1
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_F32 = torch.float32
+_ENVIRON = env.raw_environ()
+_CONFIG_ENV = env.environ_key(configs.variable(CONFIG_OP))
+
+__all__ = ["TileConfig", "KernelConfig", "Launch", "tile_config", "plan", "run", "kernel_args", "segment_buffers",
+           "unified_attention", "unified_attention_segments"]
 
 
-@dataclass(frozen=True)
-class Plan:
-    group_p2: int
-    block_m: int
-    block_q: int
-    tile_n: int
-    block_d: int
-    query_blocks: int
-    num_segments: int  # 1: the 2D kernel
+class TileConfig(NamedTuple):
+    """One launch's tile: the fields ``AITER_UNIFIED_ATTENTION_CONFIG`` may set."""
+
+    BLOCK_M: int  # rows of a program: BLOCK_Q query tokens x GROUP_P2 query heads
+    TILE_N: int  # keys per step
     num_warps: int
     num_stages: int
-    blocks_per_seq: int  # > 0: query block b is block b % n of sequence b // n (0: searched)
-    qlen_lo: int = 0  # this launch attends sequences with qlen_lo < new tokens <= qlen_hi
-    qlen_hi: int = 2**31 - 1
+
+
+class KernelConfig(NamedTuple):
+    """The compile-time side of a launch (one kernel specialisation), made once per Call key."""
+
+    consts: dict  # the kernel's constexpr keywords, num_warps and num_stages included (shared: do not modify)
+    constexpr_args: tuple  # the constexpr values in the kernel's parameter order (passed positionally: cheaper)
+    options: dict  # num_warps, num_stages
+
+
+class Launch(NamedTuple):
+    """One kernel launch of a call."""
+
+    grid: tuple  # (query blocks, Hk, NUM_SEGMENTS)
+    qlen_lo: int  # it attends the sequences with qlen_lo < new tokens <= qlen_hi
+    qlen_hi: int
+    config: KernelConfig
 
     @property
-    def use_2d(self) -> bool:
-        return self.num_segments == 1
+    def consts(self) -> dict:
+        return self.config.consts
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    from aiter_core.arch import get_cu_num
-
-    try:
-        return max(int(get_cu_num()), 1)
-    except Exception:  # no device description on the host: assume an H100
-        return 132
-
-
-def plan(*, num_tokens: int, num_seqs: int, heads_q: int, heads_kv: int, head_dim: int, max_seqlen_q: int,
-         max_seqlen_k: int, sliding_window: int, device: torch.device, skip_reduce: bool = False,
-         force: str | None = None, num_segments: int | None = None, tile_n: int | None = None,
-         use_env_config: bool = True) -> Plan:
-    """Launch parameters; ``force`` ("2d" / "3d"), ``num_segments`` and ``tile_n`` (a power of two
-    >= 16) override the heuristic (tests and tuning), as does ``AITER_UNIFIED_CONFIG`` unless
-    ``use_env_config`` is off."""
-    group = heads_q // heads_kv
-    group_p2 = triton.next_power_of_2(group)
-    small_q = max_seqlen_q <= SHORT_Q or head_dim > 128
-    block_m = max(16 if small_q else 64, group_p2)
-    block_q = block_m // group_p2
-    tile_n = tile_n or (64 if head_dim <= 128 else 32)
-    block_d = triton.next_power_of_2(head_dim)
-    tuned = _config_override() if use_env_config else None
-    if tuned is not None:
-        block_m, tile_n = max(tuned[0], group_p2, 16), tuned[1]
-        block_q = block_m // group_p2
-    query_blocks = num_seqs if max_seqlen_q == 1 else num_tokens // block_q + num_seqs
-    programs_2d = query_blocks * heads_kv
-    sms = _sm_count(device)
-    target = SEGMENT_PROGRAMS_PER_SM * sms
-    use_2d = sliding_window > 0 or max_seqlen_k <= 512 or programs_2d >= TWO_D_PROGRAMS_PER_SM * sms
-    if force == "2d":
-        use_2d = True
-    elif force == "3d" or skip_reduce:
-        use_2d = False
-    if use_2d:
-        segments = 1
-    elif num_segments is not None:
-        segments = num_segments
-    else:
-        seg_max = max(min(128, cdiv(max(max_seqlen_k, 1), tile_n)), 1)
-        seg_min = min(8, seg_max)
-        segments = triton.next_power_of_2(min(max(cdiv(target, max(programs_2d, 1)), seg_min), seg_max))
-        segments = max(segments, 2)
-    num_warps = 8 if block_m * block_d >= 64 * 256 else 4
-    # 2 stages for prefill tiles (H100, 64 x 64 keys: 306 vs 273 TFLOP/s with 3) and above d128
-    num_stages = 2 if head_dim > 128 or not small_q else 3
-    if tuned is not None:
-        num_warps, num_stages = tuned[2], tuned[3]
-    return Plan(group_p2, block_m, block_q, tile_n, block_d, query_blocks, segments, num_warps, num_stages,
-                1 if max_seqlen_q == 1 else 0)
-
-
-def plans(*, num_tokens: int, num_seqs: int, heads_q: int, heads_kv: int, head_dim: int, max_seqlen_q: int,
-          max_seqlen_k: int, sliding_window: int, device: torch.device, skip_reduce: bool = False,
-          force: str | None = None, num_segments: int | None = None, tile_n: int | None = None) -> tuple[Plan, ...]:
-    """The launches of one call: :func:`plan`'s, or for a single-pass batch that may mix decodes
-    with prefills, a small-tile launch for sequences of at most ``SHORT_Q`` new tokens (a fixed
-    ``SHORT_Q / BLOCK_Q`` blocks each) and the prefill-tile launch for the others. Which sequence
-    is which is decided in the kernel (no host sync); programs of the other kind exit at once."""
-    shape = dict(num_tokens=num_tokens, num_seqs=num_seqs, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
-                 max_seqlen_k=max_seqlen_k, sliding_window=sliding_window, device=device)
-    main = plan(max_seqlen_q=max_seqlen_q, skip_reduce=skip_reduce, force=force, num_segments=num_segments,
-                tile_n=tile_n, **shape)
-    if not main.use_2d or max_seqlen_q <= SHORT_Q or head_dim > 128 or skip_reduce:
-        return (main,)
-    short = plan(max_seqlen_q=SHORT_Q, force="2d", tile_n=tile_n, use_env_config=False, **shape)
-    per_seq = cdiv(SHORT_Q, short.block_q)
-    short = replace(short, query_blocks=num_seqs * per_seq, blocks_per_seq=per_seq, qlen_hi=SHORT_Q)
-    return short, replace(main, qlen_lo=SHORT_Q)
-
-
-def _config_override() -> tuple[int, int, int, int] | None:
-    """``AITER_UNIFIED_CONFIG="block_m,tile_n,num_warps,num_stages"`` replaces the tile choice (tuning
-    sweeps; ``block_m`` is raised to the padded GQA group and to 16, tl.dot's minimum)."""
-    env = os.environ.get("AITER_UNIFIED_CONFIG")
-    if not env:
-        return None
-    try:
-        block_m, tile_n, warps, stages = (int(x) for x in env.split(","))
-    except ValueError:
-        raise ValueError(f"AITER_UNIFIED_CONFIG must be 'block_m,tile_n,num_warps,num_stages', got {env!r}") from None
-    if any(v & (v - 1) or v < 1 for v in (block_m, tile_n)) or tile_n < 16:
-        raise ValueError(f"AITER_UNIFIED_CONFIG: block_m and tile_n must be powers of two (tile_n >= 16), got {env!r}")
-    return block_m, tile_n, warps, stages
+def next_pow2(n: int) -> int:
+    """``triton.next_power_of_2`` for ``n >= 1``, without its host cost."""
+    return 1 << (n - 1).bit_length()
 
 
 def compute_dtype(q_dtype: torch.dtype):
     return tl.float16 if q_dtype in FP8_TYPES else _TL[q_dtype]
 
 
-def kernel_args(q, k, v, out, cu_seqlens_q, seqused_k, block_table, *, softmax_scale, softcap, sliding_window,
-                sinks, alibi_slopes, qq_bias, q_descale, k_descale, v_descale, output_scale, p: Plan,
-                segm_out=None, segm_max=None, segm_sum=None):
-    """(positional args, constexpr kwargs) of :func:`unified_attn_kernel` for one call."""
-    num_seqs = cu_seqlens_q.shape[0] - 1
-    dummy = seqused_k  # never read: its flag is off
-    use_kv_desc = k_descale is not None and v_descale is not None
-    so = segm_out if segm_out is not None else out
-    sm = segm_max if segm_max is not None else seqused_k
-    ss = segm_sum if segm_sum is not None else seqused_k
-    so_strides = segm_out.stride()[:3] if segm_out is not None else (0, 0, 0)
-    sm_strides = segm_max.stride() if segm_max is not None else (0, 0, 0)
-    qq_stride = qq_bias.stride(0) if qq_bias is not None else 0
-    args = (
-        q, k, v, out, cu_seqlens_q, seqused_k, block_table,
-        sinks if sinks is not None else dummy, alibi_slopes if alibi_slopes is not None else dummy,
-        qq_bias if qq_bias is not None else dummy, q_descale if q_descale is not None else dummy,
-        k_descale if use_kv_desc else dummy, v_descale if use_kv_desc else dummy,
-        output_scale if output_scale is not None else dummy,
-        so, sm, ss,
-        num_seqs, p.qlen_lo, p.qlen_hi, block_table.shape[1], k.shape[0],
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        block_table.stride(0), qq_stride,
-        *so_strides, *sm_strides,
-        float(softmax_scale), float(softcap), int(sliding_window),
-    )
-    out_fp8_max = float(torch.finfo(out.dtype).max) if out.dtype in FP8_TYPES else 0.0
+@lru_cache(maxsize=None)
+def tile_config(head_dim: int, group_p2: int, short_q: bool, tile_n: int | None = None) -> TileConfig:
+    """The default tile (see the module docstring); ``tile_n`` (a power of two >= 16) replaces
+    TILE_N (tests)."""
+    small_q = short_q or head_dim > 128
+    block_m = max(16 if small_q else 64, group_p2)
+    num_warps = 8 if block_m * next_pow2(head_dim) >= 64 * 256 else 4
+    # 2 stages for prefill tiles (H100, 64 x 64 keys: 306 vs 273 TFLOP/s with 3) and above d128
+    num_stages = 2 if head_dim > 128 or not small_q else 3
+    return TileConfig(block_m, tile_n or (64 if head_dim <= 128 else 32), num_warps, num_stages)
+
+
+def _override(default: TileConfig, group_p2: int) -> TileConfig:
+    """``default`` through ``AITER_UNIFIED_ATTENTION_CONFIG``."""
+    tuned = configs.override(CONFIG_OP, default)
+    if tuned is default:
+        return default
+    block_m, tile_n = tuned.BLOCK_M, tuned.TILE_N
+    if any(x < 1 or x & (x - 1) for x in (block_m, tile_n)) or tile_n < 16:
+        raise ValueError(f"{configs.variable(CONFIG_OP)}: BLOCK_M and TILE_N must be powers of two (TILE_N >= 16), "
+                         f"got BLOCK_M={block_m}, TILE_N={tile_n}")
+    return tuned._replace(BLOCK_M=max(block_m, group_p2, 16))
+
+
+def _kernel_config(key: Key, tile: TileConfig, num_segments: int, blocks_per_seq: int) -> KernelConfig:
+    group = key.heads_q // key.heads_kv
+    group_p2 = next_pow2(group)
+    options = dict(num_warps=tile.num_warps, num_stages=tile.num_stages)
     consts = dict(
-        HEAD_D=q.shape[2], BLOCK_D=p.block_d, GROUP=q.shape[1] // k.shape[2], GROUP_P2=p.group_p2,
-        BLOCK_Q=p.block_q, BLOCK_M=p.block_m, TILE_N=p.tile_n, KV_BLOCK=k.shape[1],
-        s_qd=q.stride(2), s_od=out.stride(2), s_kd=k.stride(3), s_vd=v.stride(3),
-        CDT=compute_dtype(q.dtype), USE_SOFTCAP=softcap > 0, USE_WINDOW=sliding_window > 0,
-        HAS_ALIBI=alibi_slopes is not None, HAS_QQ=qq_bias is not None, HAS_SINKS=sinks is not None,
-        HAS_QDESC=q_descale is not None, HAS_KVDESC=use_kv_desc, HAS_OSCALE=output_scale is not None,
-        OUT_FP8_MAX=out_fp8_max, NUM_SEGMENTS=p.num_segments, BLOCKS_PER_SEQ=p.blocks_per_seq,
-        OFFSET_BITS=32 if max(ta.max_element_offset(k), ta.max_element_offset(v)) < 2**31 else 64,
-        SAME_KV_OFFSETS=k.stride()[:2] == v.stride()[:2],
+        HEAD_D=key.head_dim, BLOCK_D=next_pow2(key.head_dim), GROUP=group, GROUP_P2=group_p2,
+        BLOCK_Q=tile.BLOCK_M // group_p2, BLOCK_M=tile.BLOCK_M, TILE_N=tile.TILE_N, KV_BLOCK=key.block_size,
+        s_qd=1, s_od=1, s_kd=1, s_vd=1,  # the checks require unit strides along the head dim
+        CDT=compute_dtype(key.dtype), USE_SOFTCAP=key.softcap, USE_WINDOW=key.window, HAS_ALIBI=key.alibi,
+        HAS_QQ=key.qq_bias, HAS_SINKS=key.sinks, HAS_QDESC=key.q_descale, HAS_KVDESC=key.kv_descale,
+        HAS_OSCALE=key.output_scale,
+        OUT_FP8_MAX=float(torch.finfo(key.out_dtype).max) if key.out_dtype in FP8_TYPES else 0.0,
+        NUM_SEGMENTS=num_segments, BLOCKS_PER_SEQ=blocks_per_seq, OFFSET_BITS=key.offset_bits,
+        SAME_KV_OFFSETS=key.same_kv_offsets,
     )
-    return args, consts
+    return KernelConfig({**consts, **options}, tuple(consts.values()), options)
 
 
-def unified_attention_triton(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale,
-                             window_size, block_table, softcap, q_descale, k_descale, v_descale, alibi_slopes=None,
-                             output_scale=None, qq_bias=None, sinks=None, skip_reduce=False, force=None,
-                             num_segments=None, tile_n=None):
-    """Runs the kernels; returns ``None`` (``out`` written) or, with ``skip_reduce``, the segment
-    buffers ``(segm_output [T, Hq, S, next_pow2(D)], segm_max [T, Hq, S], segm_expsum [T, Hq, S])``
-    (``segm_output`` holds each segment's normalised output, ``segm_max`` its running max in
-    natural-log units)."""
-    num_tokens, heads_q, head_dim = q.shape
-    num_seqs = cu_seqlens_q.shape[0] - 1
-    sliding_window = 1 + int(window_size[0]) if int(window_size[0]) >= 0 else 0
-    launches = plans(num_tokens=num_tokens, num_seqs=num_seqs, heads_q=heads_q, heads_kv=k.shape[2],
-                     head_dim=head_dim, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                     sliding_window=sliding_window, device=q.device, skip_reduce=skip_reduce, force=force,
-                     num_segments=num_segments, tile_n=tile_n)
-    p = launches[-1]
-    if num_tokens == 0 or num_seqs == 0:
-        if skip_reduce:
-            return _segment_buffers(q, p.num_segments, p.block_d)
-        return None
-    common = dict(softmax_scale=softmax_scale, softcap=float(softcap or 0.0), sliding_window=sliding_window,
-                  sinks=sinks, alibi_slopes=alibi_slopes, qq_bias=qq_bias, q_descale=q_descale,
-                  k_descale=k_descale, v_descale=v_descale, output_scale=output_scale)
-    if p.use_2d:
-        def launch(lp):
-            args, consts = kernel_args(q, k, v, out, cu_seqlens_q, seqused_k, block_table, p=lp, **common)
-            unified_attn_kernel[(lp.query_blocks, k.shape[2], 1)](*args, **consts, num_warps=lp.num_warps,
-                                                                 num_stages=lp.num_stages)
+class _Prepared:
+    """The launch forms of one Call key: the main tile (through the config override) and its
+    single-pass kernel config, the small tile of mixed batches, the split-KV configs per segment
+    count (made on first use)."""
 
-        if len(launches) == 2 and q.is_cuda:
+    def __init__(self, key: Key, tile_n: int | None):
+        self.key = key
+        group_p2 = next_pow2(key.heads_q // key.heads_kv)
+        main = _override(tile_config(key.head_dim, group_p2, key.short_q, tile_n), group_p2)
+        self.block_q = main.BLOCK_M // group_p2
+        self.tile = main
+        self.blocks_per_seq = 1 if key.decode else 0  # decode-only batches: block b is sequence b
+        self.config_2d = _kernel_config(key, main, 1, self.blocks_per_seq)
+        self.configs_3d: dict[int, KernelConfig] = {}
+        self.short_config = None
+        self.short_blocks = 0
+        if not key.short_q and key.head_dim <= 128:  # a mixed batch: its short sequences on the small tile
+            short = tile_config(key.head_dim, group_p2, True, tile_n)
+            self.short_blocks = cdiv(SHORT_Q, short.BLOCK_M // group_p2)
+            self.short_config = _kernel_config(key, short, 1, self.short_blocks)
+
+    def split(self, num_segments: int) -> KernelConfig:
+        config = self.configs_3d.get(num_segments)
+        if config is None:
+            config = _kernel_config(self.key, self.tile, num_segments, self.blocks_per_seq)
+            self.configs_3d[num_segments] = config
+        return config
+
+
+@lru_cache(maxsize=512)
+def _prepared(key: Key, config_env, tile_n: int | None) -> _Prepared:
+    return _Prepared(key, tile_n)  # config_env (the override variable's value) only keys the cache
+
+
+_SM_COUNTS: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    count = _SM_COUNTS.get(device)
+    if count is None:
+        if device.type == "cuda":
+            count = torch.cuda.get_device_properties(device).multi_processor_count
+        else:
+            from aiter_core.arch import get_cu_num
+
+            try:
+                count = max(int(get_cu_num()), 1)
+            except Exception:  # no device description on the host: assume an H100
+                count = 132
+        _SM_COUNTS[device] = count
+    return count
+
+
+def plan(call: Call, *, skip_reduce: bool = False, force: str | None = None, num_segments: int | None = None,
+         tile_n: int | None = None) -> tuple[Launch, ...]:
+    """The launches of one call (see the module docstring). ``force`` ("2d" / "3d"),
+    ``num_segments`` and ``tile_n`` override the heuristic (tests and tuning); ``skip_reduce``
+    always splits (the segment buffers are the result).
+
+    A single-pass batch that may mix decodes with prefills gets a small-tile launch for sequences
+    of at most ``SHORT_Q`` new tokens (a fixed ``SHORT_Q / BLOCK_Q`` blocks each) and the
+    prefill-tile launch for the others. Which sequence is which is decided in the kernel (no host
+    sync); programs of the other kind exit at once."""
+    key = call.key
+    p = _prepared(key, _ENVIRON.get(_CONFIG_ENV), tile_n)
+    num_seqs, heads_kv = call.num_seqs, key.heads_kv
+    query_blocks = num_seqs if key.decode else call.num_tokens // p.block_q + num_seqs
+    if skip_reduce or force == "3d":
+        single_pass = False
+    elif force == "2d":
+        single_pass = True
+    else:
+        single_pass = key.window or call.max_seqlen_k <= 512 or \
+            query_blocks * heads_kv >= TWO_D_PROGRAMS_PER_SM * _sm_count(call.device)
+    if single_pass:
+        if p.short_config is None:
+            return (Launch((query_blocks, heads_kv, 1), 0, QLEN_MAX, p.config_2d),)
+        return (Launch((num_seqs * p.short_blocks, heads_kv, 1), 0, SHORT_Q, p.short_config),
+                Launch((query_blocks, heads_kv, 1), SHORT_Q, QLEN_MAX, p.config_2d))
+    if num_segments is None:
+        seg_max = max(min(128, cdiv(call.max_seqlen_k, p.tile.TILE_N)), 1)
+        target = SEGMENT_PROGRAMS_PER_SM * _sm_count(call.device)
+        wanted = min(max(cdiv(target, max(query_blocks * heads_kv, 1)), min(8, seg_max)), seg_max)
+        num_segments = max(next_pow2(wanted), 2)
+    return (Launch((query_blocks, heads_kv, num_segments), 0, QLEN_MAX, p.split(num_segments)),)
+
+
+def segment_buffers(call: Call, launch: Launch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(segm_output [T, Hq, S, BLOCK_D], segm_max [T, Hq, S], segm_expsum [T, Hq, S])`` fp32 of a split launch."""
+    t, h, s = call.num_tokens, call.key.heads_q, launch.grid[2]
+    device = call.device
+    return (torch.empty(t, h, s, launch.consts["BLOCK_D"], dtype=_F32, device=device),
+            torch.empty(t, h, s, dtype=_F32, device=device), torch.empty(t, h, s, dtype=_F32, device=device))
+
+
+def kernel_args(call: Call, launch: Launch, buffers=None) -> tuple:
+    """The positional arguments of :func:`unified_attn_kernel` for one launch (``buffers``: the
+    split launch's :func:`segment_buffers`)."""
+    dummy = call.seqused_k  # never read: its flag is off
+    qs, os_, ks, vs = call.q_stride, call.out_stride, call.k_stride, call.v_stride
+    qq_bias, k_descale = call.qq_bias, call.k_descale
+    if buffers is None:
+        so, sm, ss = call.out, dummy, dummy
+        so_strides = sm_strides = (0, 0, 0)
+    else:
+        so, sm, ss = buffers
+        h, s, block_d = call.key.heads_q, launch.grid[2], launch.consts["BLOCK_D"]
+        so_strides, sm_strides = (h * s * block_d, s * block_d, block_d), (h * s, s, 1)  # contiguous
+    return (
+        call.q, call.k, call.v, call.out, call.cu_seqlens_q, call.seqused_k, call.block_table,
+        dummy if call.sinks is None else call.sinks, dummy if call.alibi_slopes is None else call.alibi_slopes,
+        dummy if qq_bias is None else qq_bias, dummy if call.q_descale is None else call.q_descale,
+        dummy if k_descale is None else k_descale, dummy if k_descale is None else call.v_descale,
+        dummy if call.output_scale is None else call.output_scale,
+        so, sm, ss,
+        call.num_seqs, launch.qlen_lo, launch.qlen_hi, call.max_blocks, call.num_blocks,
+        qs[0], qs[1], os_[0], os_[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
+        call.block_table_stride[0], 0 if qq_bias is None else qq_bias.stride(0),
+        *so_strides, *sm_strides,
+        call.softmax_scale, call.softcap, call.sliding_window,
+    )
+
+
+def run(call: Call, *, skip_reduce: bool = False, force: str | None = None, num_segments: int | None = None,
+        tile_n: int | None = None):
+    """Launch the kernels of ``call`` (:func:`plan`'s keywords); returns ``None`` (``out`` written) or,
+    with ``skip_reduce``, the segment buffers ``[segm_output [T, Hq, S, next_pow2(D)], segm_max
+    [T, Hq, S], segm_expsum [T, Hq, S]]`` (``segm_output`` holds each segment's normalised output,
+    ``segm_max`` its running max in natural-log units)."""
+    return _run(call, plan(call, skip_reduce=skip_reduce, force=force, num_segments=num_segments, tile_n=tile_n),
+                skip_reduce)
+
+
+def unified_attention(call: Call) -> None:
+    """The ``triton`` backend of ``aiter::unified_attention``: writes ``call.out``."""
+    _run(call, plan(call), False)
+
+
+def unified_attention_segments(call: Call) -> list:
+    """The ``triton`` backend of ``aiter::unified_attention_segments``: the split-KV buffers."""
+    return _run(call, plan(call, skip_reduce=True), True)
+
+
+def _launch(call: Call, launch: Launch, buffers=None) -> None:
+    config = launch.config
+    unified_attn_kernel[launch.grid](*kernel_args(call, launch, buffers), *config.constexpr_args, **config.options)
+
+
+def _run(call: Call, launches: tuple[Launch, ...], skip_reduce: bool):
+    last = launches[-1]
+    if call.num_tokens == 0:
+        return list(segment_buffers(call, last)) if skip_reduce else None
+    if last.grid[2] == 1:  # single pass: out written
+        if len(launches) == 2 and call.key.device_type == "cuda":
             # the two launches write disjoint rows: the memory-bound decode launch on a side
             # stream so the prefill launch's blocks can fill SMs it leaves idle (CUDA-graph safe:
             # fork and join through stream waits)
-            main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+            main, side = torch.cuda.current_stream(call.device), _side_stream(call.device)
             side.wait_stream(main)
             with torch.cuda.stream(side):
-                launch(launches[0])
-            launch(launches[1])
+                _launch(call, launches[0])
+            _launch(call, last)
             main.wait_stream(side)
         else:
-            for lp in launches:
-                launch(lp)
+            for launch in launches:
+                _launch(call, launch)
         return None
-    grid = (p.query_blocks, k.shape[2], p.num_segments)
-    segm_out, segm_max, segm_sum = _segment_buffers(q, p.num_segments, p.block_d)
-    args, consts = kernel_args(q, k, v, out, cu_seqlens_q, seqused_k, block_table, segm_out=segm_out,
-                               segm_max=segm_max, segm_sum=segm_sum, p=p, **common)
-    unified_attn_kernel[grid](*args, **consts, num_warps=p.num_warps, num_stages=p.num_stages)
+    buffers = segment_buffers(call, last)
+    _launch(call, last, buffers)
     if skip_reduce:
-        return segm_out, segm_max, segm_sum
-    view = segm_out[..., :head_dim]
-    if output_scale is None and out.dtype not in FP8_TYPES:
+        return list(buffers)
+    segm_out, segm_max, segm_sum = buffers
+    view = segm_out[..., :call.key.head_dim]
+    out = call.out
+    if call.output_scale is None and call.key.out_dtype not in FP8_TYPES:
         ta.splitk_merge(view, segm_max, out, partial_sum=segm_sum)
         return None
     # fp8 output: merge in fp32, then scale, saturate and cast (all on the device)
-    merged = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    merged = torch.empty(out.shape, dtype=_F32, device=call.device)
     ta.splitk_merge(view, segm_max, merged, partial_sum=segm_sum)
-    if output_scale is not None:
-        merged.div_(output_scale.reshape(()).float())
+    if call.output_scale is not None:
+        merged.div_(call.output_scale.reshape(()).float())
     if out.dtype in FP8_TYPES:
         fmax = float(torch.finfo(out.dtype).max)
         merged.clamp_(-fmax, fmax)
@@ -279,10 +343,3 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     if index not in _SIDE_STREAMS:
         _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
     return _SIDE_STREAMS[index]
-
-
-def _segment_buffers(q, segments: int, block_d: int):
-    t, h = q.shape[0], q.shape[1]
-    return (torch.empty(t, h, segments, block_d, dtype=torch.float32, device=q.device),
-            torch.empty(t, h, segments, dtype=torch.float32, device=q.device),
-            torch.empty(t, h, segments, dtype=torch.float32, device=q.device))
