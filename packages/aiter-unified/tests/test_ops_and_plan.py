@@ -154,7 +154,8 @@ def test_call_and_key_fields():
 
 
 def test_registry_and_family():
-    assert any(f.name == "unified" for f in families())
+    fam = next(f for f in families() if f.name == "unified")
+    assert fam.host == "aiter_unified.bench:host_cases" and fam.warmup == "aiter_unified.bench:warmup_cases"
     key = sized_call(num_tokens=2, num_seqs=1, heads_q=4, heads_kv=2, head_dim=32, max_seqlen_q=2, max_seqlen_k=40,
                      device="cpu").key
     assert select("unified_attention", key, backend="reference").backend == "reference"

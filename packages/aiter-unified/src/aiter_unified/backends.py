@@ -76,4 +76,5 @@ def backend_specs() -> list[BackendSpec]:
 
 
 family = Family(name="unified", distribution="aiter-unified", smoke="aiter_unified.smoke:run",
-                bench="aiter_unified.bench:main", ops=OPS)
+                bench="aiter_unified.bench:main", host="aiter_unified.bench:host_cases",
+                warmup="aiter_unified.bench:warmup_cases", ops=OPS)

@@ -222,6 +222,55 @@ def run_bench(args) -> int:
     return 0
 
 
+# aiter warmup: the launch forms a server hits (every one compiles its own kernel specialisation):
+# (name, (new tokens, total KV tokens) per sequence, like)
+WARMUP_FORMS = (
+    ("decode", [(1, 64)] * 8, "decode"),  # single pass, one query block per sequence
+    ("decode-split", [(1, 2048)] * 8, "decode"),  # split KV (3D) and the merge
+    ("extend", [(4, 68)] * 8, "prefill"),  # <= 16 new tokens (MTP, short extends): the small tile
+    ("mixed", [(64, 64)] * 2 + [(1, 64)] * 4, "prefill"),  # small-tile and prefill-tile launches
+)
+
+
+def _call_case(device, seqs, *, heads_q, heads_kv, head_dim, dtype, kv_dtype=None, like="decode"):
+    """A HostCase of one ``unified_attention`` call, its inputs and output made here."""
+    import torch
+
+    from aiter_core.host import HostCase
+
+    from .api import unified_attention
+    from .testing import make_batch
+
+    b = make_batch(seqs, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim, block_size=BS, dtype=dtype,
+                   kv_dtype=kv_dtype, device=device, seed=0)
+    out = torch.empty_like(b.q)
+    args = (b.q, b.k, b.v, out, b.cu_seqlens_q, b.max_seqlen_q, b.seqused_k, b.max_seqlen_k, head_dim ** -0.5, True,
+            (-1, -1), b.block_table, 0.0, None, None, None)
+    return HostCase("unified_attention", lambda: unified_attention(*args), like=like)
+
+
+def host_cases(device) -> list:
+    """``aiter bench host``: one eager ``unified_attention`` call at a tiny shape (a decode batch of
+    4 sequences at context 64, hq=32, hkv=8, d=128: a few microseconds of GPU work), bf16 on a GPU,
+    fp16 elsewhere (the Triton interpreter has no bf16)."""
+    import torch
+
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float16
+    return [_call_case(device, [(1, 64)] * 4, heads_q=H_Q, heads_kv=H_KV, head_dim=D, dtype=dtype)]
+
+
+def warmup_cases(device) -> list:
+    """``aiter warmup``: the default kernel specialisations at small sizes (hq=32, hkv=8, block 16):
+    bf16, fp16 and bf16 q over an fp8 KV cache, head dims 64 and 128, every launch form of
+    :data:`WARMUP_FORMS`. Off a GPU, fp16 only (the interpreter has no bf16)."""
+    import torch
+
+    bf16, fp16, fp8 = torch.bfloat16, torch.float16, torch.float8_e4m3fn
+    pairs = [(bf16, None), (fp16, None), (bf16, fp8)] if torch.device(device).type == "cuda" else [(fp16, None)]
+    return [_call_case(device, seqs, heads_q=H_Q, heads_kv=H_KV, head_dim=d, dtype=dtype, kv_dtype=kv, like=like)
+            for dtype, kv in pairs for d in (64, 128) for _, seqs, like in WARMUP_FORMS]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
