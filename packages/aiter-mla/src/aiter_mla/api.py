@@ -21,6 +21,7 @@ import torch
 
 from . import checks, ops
 from .metadata import get_mla_decode_fwd_max_splits, get_mla_metadata_info_v1, get_mla_metadata_v1
+from .triton.launch import choose_num_kv_splits
 
 Tensor = torch.Tensor
 F32 = torch.float32
@@ -89,8 +90,6 @@ def mla_decode_fwd(q: Tensor, kv_buffer: Tensor, o: Tensor, qo_indptr: Tensor, k
         total_q, heads, _ = q.shape
         d_v = o.shape[2]
         if num_kv_splits is None:
-            from .triton.launch import choose_num_kv_splits
-
             num_kv_splits = choose_num_kv_splits(qo_indptr.shape[0] - 1, kv_indices.shape[0] * page_size, heads,
                                                  max_seqlen_q, kv_buffer.dtype, d_v)
         lse = torch.empty(total_q, heads, dtype=F32, device=q.device) if return_lse else None

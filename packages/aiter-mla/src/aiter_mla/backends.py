@@ -24,6 +24,7 @@ from aiter_core.registry import (
 
 TRITON_PRIORITY = 100
 REFERENCE_PRIORITY = 0
+_launch_module = None  # aiter_mla.triton.launch once imported (an import statement costs microseconds per call)
 
 __all__ = ["OPS", "backend_specs", "family", "triton_supports"]
 
@@ -36,70 +37,58 @@ def triton_supports(key) -> list[str]:
 # -- triton --------------------------------------------------------------------------------------
 
 
-def triton_mla_decode_fwd(call) -> None:
-    from .triton import launch
+def _launch():
+    """:mod:`aiter_mla.triton.launch`, imported on first use (it imports Triton and the kernels)."""
+    global _launch_module
+    if _launch_module is None:
+        from .triton import launch
 
-    launch.mla_decode_fwd(call)
+        _launch_module = launch
+    return _launch_module
+
+
+def triton_mla_decode_fwd(call) -> None:
+    _launch().mla_decode_fwd(call)
 
 
 def triton_mla_prefill_fwd(call) -> None:
-    from .triton import launch
-
-    launch.mla_prefill_fwd(call)
+    _launch().mla_prefill_fwd(call)
 
 
 def triton_mla_decode_fwd_persistent(call) -> None:
-    from .triton import launch
-
-    launch.mla_decode_fwd_persistent(call)
+    _launch().mla_decode_fwd_persistent(call)
 
 
 def triton_mla_reduce_v1(call) -> None:
-    from .triton import launch
-
-    launch.mla_reduce_v1(call)
+    _launch().mla_reduce_v1(call)
 
 
 def triton_mla_prefill_ps_fwd(call) -> None:
-    from .triton import launch
-
-    launch.mla_prefill_ps_fwd(call)
+    _launch().mla_prefill_ps_fwd(call)
 
 
 def triton_mla_attention_block_table(call) -> None:
-    from .triton import launch
-
-    launch.mla_attention_block_table(call)
+    _launch().mla_attention_block_table(call)
 
 
 def triton_decode_attention_fwd_grouped_rope(call) -> None:
-    from .triton import launch
-
-    launch.decode_attention_fwd_grouped_rope(call)
+    _launch().decode_attention_fwd_grouped_rope(call)
 
 
 def triton_decode_attention_fwd(call) -> None:
-    from .triton import launch
-
-    launch.decode_attention_fwd(call)
+    _launch().decode_attention_fwd(call)
 
 
 def triton_concat_and_cache_mla(call) -> None:
-    from .triton import launch
-
-    launch.concat_and_cache_mla(call)
+    _launch().concat_and_cache_mla(call)
 
 
 def triton_fused_qk_rope_concat_and_cache_mla(call) -> None:
-    from .triton import launch
-
-    launch.fused_qk_rope_concat_and_cache_mla(call)
+    _launch().fused_qk_rope_concat_and_cache_mla(call)
 
 
 def triton_fused_qk_rope_cat_and_cache_mla(call) -> None:
-    from .triton import launch
-
-    launch.fused_qk_rope_cat_and_cache_mla(call)
+    _launch().fused_qk_rope_cat_and_cache_mla(call)
 
 
 # -- reference -----------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ import itertools
 import sys
 from pathlib import Path
 
+from aiter_core.host import HostCase
+
 SHAPES = {
     "mem": dict(batch=128, heads=16, ctx=4096, kv="bf16"),
     "compute": dict(batch=128, heads=128, ctx=4096, kv="bf16"),
@@ -173,6 +175,267 @@ def _sweep_configs(heads: int):
             yield TileConfig(bh, 1, bn, warps, stages, 1, prefetch)
 
 
+# -- host cost per eager call (`aiter bench host`) and the warmup specialisations (`aiter warmup`) --
+
+
+def _host_dims(device):
+    """(dtype, kv_lora_rank, rope, non-absorbed q/k dim, v dim): production dims in bf16 on a GPU;
+    small fp16 ones on the CPU (Triton interpreter)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16, 512, 64, 192, 128
+    return torch.float16, 64, 16, 48, 32
+
+
+def _paged(device, dtype, *, batch, heads, kv_len, q_len, page, lora, rope, kv_dtype=None, seed=0):
+    """A paged MLA problem (see :func:`aiter_mla.testing.make_paged_case`); fp8 ``kv_dtype`` is
+    quantised with a per-tensor scale: (case, kv_scale or None)."""
+    import torch
+
+    from .testing import make_paged_case
+
+    fp8 = kv_dtype is not None and kv_dtype.itemsize == 1
+    case = make_paged_case(batch=batch, heads=heads, kv_lens=kv_len, q_lens=q_len, page_size=page,
+                           kv_lora_rank=lora, rope=rope, dtype=dtype, kv_dtype=torch.float32 if fp8 else kv_dtype,
+                           seed=seed, device=str(device))
+    kv_scale = None
+    if fp8:
+        kv_scale = (case.kv.abs().amax() / 448.0).reshape(1).float()
+        case.kv = (case.kv / kv_scale).to(kv_dtype)
+    return case, kv_scale
+
+
+def _decode_case(device, dtype, *, heads=16, batch=2, kv_len=64, q_len=1, page=64, lora=512, rope=64,
+                 kv_dtype=None, splits=None, persistent=False, like="decode", name="mla_decode_fwd"):
+    import torch
+
+    from .api import get_mla_metadata_info_v1, get_mla_metadata_v1, mla_decode_fwd, mla_prefill_fwd
+
+    case, kv_scale = _paged(device, dtype, batch=batch, heads=heads, kv_len=kv_len, q_len=q_len, page=page, lora=lora,
+                            rope=rope, kv_dtype=kv_dtype)
+    o = torch.empty(case.q.shape[0], heads, lora, dtype=dtype, device=device)
+    args = (case.q, case.kv, o, case.qo_indptr, case.kv_indptr, case.kv_indices, case.kv_last_page_lens, q_len)
+    scale = (lora + rope) ** -0.5
+    if name == "mla_prefill_fwd":
+        return HostCase(name, lambda: mla_prefill_fwd(*args, sm_scale=scale), like)
+    extra = {}
+    if persistent:
+        info = get_mla_metadata_info_v1(batch, q_len, heads, dtype, case.kv.dtype, is_sparse=False)
+        meta, w_ind, w_info, r_ind, r_final, r_part = [torch.empty(sh, dtype=dt, device=device) for sh, dt in info]
+        get_mla_metadata_v1(case.qo_indptr, case.kv_indptr, case.kv_last_page_lens, heads, 1, True, meta, w_info,
+                            w_ind, r_ind, r_final, r_part, page_size=page, max_seqlen_qo=q_len)
+        extra = dict(work_meta_data=meta, work_indptr=w_ind, work_info_set=w_info, reduce_indptr=r_ind,
+                     reduce_final_map=r_final, reduce_partial_map=r_part)
+    return HostCase(name, lambda: mla_decode_fwd(*args, page_size=page, sm_scale=scale, num_kv_splits=splits,
+                                                 kv_scale=kv_scale, **extra), like)
+
+
+def _reduce_cases(device, dtype, heads=16, lora=512):
+    """``get_mla_metadata_v1`` and ``mla_reduce_v1`` on a persistent schedule of 2 sequences."""
+    import torch
+
+    from .api import get_mla_metadata_info_v1, get_mla_metadata_v1, mla_reduce_v1
+
+    case, _ = _paged(device, dtype, batch=2, heads=heads, kv_len=[700, 64], q_len=1, page=16, lora=lora, rope=0)
+    info = get_mla_metadata_info_v1(2, 1, heads, dtype, dtype, is_sparse=False)
+    meta, w_ind, w_info, r_ind, r_final, r_part = [torch.empty(sh, dtype=dt, device=device) for sh, dt in info]
+    meta_args = (case.qo_indptr, case.kv_indptr, case.kv_last_page_lens, heads, 1, True, meta, w_info, w_ind, r_ind,
+                 r_final, r_part)
+    get_mla_metadata_v1(*meta_args, page_size=16, max_seqlen_qo=1)
+    rows = r_part.numel()
+    partial_o = torch.randn(rows, 1, heads, lora, device=device)
+    partial_lse = torch.randn(rows, 1, heads, 1, device=device)
+    out = torch.empty(2, heads, lora, dtype=dtype, device=device)
+    lse = torch.empty(2, heads, device=device)
+    return [
+        HostCase("get_mla_metadata_v1", lambda: get_mla_metadata_v1(*meta_args, page_size=16, max_seqlen_qo=1)),
+        HostCase("mla_reduce_v1", lambda: mla_reduce_v1(partial_o, partial_lse, r_ind, r_final, r_part, 1, 4, out,
+                                                        lse)),
+    ]
+
+
+def _prefill_ps_case(device, dtype, heads=16, kv_heads=16, d_qk=192, d_v=128, q_len=16):
+    import torch
+
+    from .api import mla_prefill_ps_fwd
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = 2 * q_len
+    q = torch.randn(tokens, heads, d_qk, generator=gen).to(device, dtype)
+    k = torch.randn(tokens, kv_heads, d_qk, generator=gen).to(device, dtype)
+    v = torch.randn(tokens, kv_heads, d_v, generator=gen).to(device, dtype)
+    indptr = torch.tensor([0, q_len, tokens], dtype=torch.int32, device=device)
+    rows = torch.arange(tokens, dtype=torch.int32, device=device)
+    out = torch.empty(tokens, heads, d_v, dtype=dtype, device=device)
+    return HostCase("mla_prefill_ps_fwd", lambda: mla_prefill_ps_fwd(q, k, v, out, indptr, indptr, rows, None, None,
+                                                                     q_len, True, softmax_scale=d_qk ** -0.5),
+                    "prefill")
+
+
+def _sglang_cases(device, dtype, heads=16, lora=512, rope=64, with_rope=True):
+    """``decode_attention_fwd_grouped_rope`` (with in-kernel RoPE) and ``decode_attention_fwd``
+    (MLA: V a view of K, page size 1, split LSEs in ``attn_logits``' last channel)."""
+    import torch
+
+    from .api import decode_attention_fwd, decode_attention_fwd_grouped_rope
+
+    gen = torch.Generator().manual_seed(0)
+    batch, kv_len, splits, dim = 2, 64, 4, lora + rope
+    tokens = batch * kv_len
+    k_buffer = torch.randn(tokens, 1, dim, generator=gen).to(device, dtype)
+    v_buffer = k_buffer[..., :lora]
+    q = torch.randn(batch, heads, dim, generator=gen).to(device, dtype)
+    kv_indptr = torch.tensor([0, kv_len, tokens], dtype=torch.int32, device=device)
+    kv_indices = torch.arange(tokens, dtype=torch.int32, device=device)
+    o = torch.empty(batch, heads, lora, dtype=dtype, device=device)
+    logits = torch.empty(batch, heads, splits, lora + 1, dtype=torch.float32, device=device)
+    cos_sin = torch.randn(256, rope, generator=gen).to(device)
+    positions = torch.tensor([kv_len - 1, kv_len - 1], device=device)
+    k_pe = torch.empty(batch, 1, rope, dtype=dtype, device=device)
+    req_to_token = kv_indices.view(batch, kv_len)
+    seq_lens = torch.full((batch,), kv_len, dtype=torch.int32, device=device)
+    lse = torch.empty(batch, heads, device=device)
+    scale = dim ** -0.5
+    return [
+        HostCase("decode_attention_fwd_grouped_rope", lambda: decode_attention_fwd_grouped_rope(
+            q, k_buffer, v_buffer, o, kv_indptr, kv_indices, k_pe if with_rope else None, lora, rope,
+            cos_sin if with_rope else None, positions if with_rope else None, logits, splits, scale,
+            use_rope=with_rope)),
+        HostCase("decode_attention_fwd", lambda: decode_attention_fwd(
+            q, k_buffer, v_buffer, o, lse, req_to_token, seq_lens, logits, splits, scale)),
+    ]
+
+
+def _gqa_decode_case(device, dtype, head_dim, heads=32, kv_heads=8, page=16):
+    """``decode_attention_fwd`` on a GQA cache of ``head_dim`` (not MLA: V its own buffer)."""
+    import torch
+
+    from .api import decode_attention_fwd
+
+    gen = torch.Generator().manual_seed(0)
+    batch, kv_len, splits = 2, 64, 4
+    tokens = batch * kv_len
+    k_buffer = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(device, dtype)
+    v_buffer = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(device, dtype)
+    q = torch.randn(batch, heads, head_dim, generator=gen).to(device, dtype)
+    req_to_token = torch.arange(tokens // page, dtype=torch.int32, device=device).view(batch, -1)
+    seq_lens = torch.full((batch,), kv_len, dtype=torch.int32, device=device)
+    o = torch.empty(batch, heads, head_dim, dtype=dtype, device=device)
+    logits = torch.empty(batch, heads, splits, head_dim + 1, dtype=torch.float32, device=device)
+    return HostCase("decode_attention_fwd", lambda: decode_attention_fwd(
+        q, k_buffer, v_buffer, o, None, req_to_token, seq_lens, logits, splits, head_dim ** -0.5, page_size=page))
+
+
+def _cache_cases(device, dtype, lora=512, rope=64, cache_dtype=None):
+    """The three cache writes, 2 tokens into a 4 x 16 block cache (fp8 caches with a scale)."""
+    import torch
+
+    from .api import concat_and_cache_mla, fused_qk_rope_cat_and_cache_mla, fused_qk_rope_concat_and_cache_mla
+
+    gen = torch.Generator().manual_seed(0)
+    cache_dtype = cache_dtype or dtype
+    fp8 = cache_dtype.itemsize == 1
+    tokens, heads = 2, 16
+    kv_c = torch.randn(tokens, lora, generator=gen).to(device, dtype)
+    k_pe = torch.randn(tokens, rope, generator=gen).to(device, dtype)
+    cache = torch.zeros(4, 16, lora + rope, device=device).to(cache_dtype)
+    slots = torch.tensor([3, 17], dtype=torch.int64, device=device)
+    scale = torch.ones(1, device=device) if fp8 else None
+    q_nope = torch.randn(tokens, heads, lora, generator=gen).to(device, dtype)
+    q_pe = torch.randn(tokens, heads, rope, generator=gen).to(device, dtype)
+    q_out = torch.empty(tokens, heads, lora + rope, dtype=dtype, device=device)
+    positions = torch.tensor([5, 9], dtype=torch.int64, device=device)
+    cos = torch.randn(64, rope // 2, generator=gen).to(device, dtype)
+    sin = torch.randn(64, rope // 2, generator=gen).to(device, dtype)
+    rows = cache.view(-1, 1, lora + rope)
+    k_nope3, k_pe3 = kv_c[:, None], k_pe[:, None]
+    k_pe_out = torch.empty_like(k_pe3)
+    return [
+        HostCase("concat_and_cache_mla", lambda: concat_and_cache_mla(kv_c, k_pe, cache, slots,
+                                                                      "fp8" if fp8 else "auto", scale)),
+        HostCase("fused_qk_rope_concat_and_cache_mla", lambda: fused_qk_rope_concat_and_cache_mla(
+            q_nope, q_pe, kv_c, k_pe, cache, q_out, slots, scale, None, positions, cos, sin, True, True)),
+        HostCase("fused_qk_rope_cat_and_cache_mla", lambda: fused_qk_rope_cat_and_cache_mla(
+            q_nope, q_pe, k_nope3, k_pe3, rows, slots, positions, cos, sin, scale, True, q_out=q_out,
+            k_pe_out=k_pe_out)),
+    ]
+
+
+def _block_table_cases(device, dtype, heads=16, lora=512, rope=64, page=16):
+    """The block-table forms of :mod:`aiter_mla.triton_api` (decode: automatic splits; prefill:
+    ``max_seqlen_q`` given, which keeps the host from reading ``cu_seqlens_q``)."""
+    import torch
+
+    from . import triton_api
+
+    cases = []
+    for name, q_len, like in (("mla_decode_fwd", 1, "decode"), ("mla_prefill_fwd", 8, "prefill")):
+        case, _ = _paged(device, dtype, batch=2, heads=heads, kv_len=64, q_len=q_len, page=page, lora=lora, rope=rope)
+        seqused = torch.tensor(case.kv_lens, dtype=torch.int32, device=device)
+        tables = case.block_tables
+        out = torch.empty(case.q.shape[0], heads, lora, dtype=dtype, device=device)
+        fn = getattr(triton_api, name)
+        args = (case.q, case.kv, out, case.qo_indptr, seqused, 64, tables, (lora + rope) ** -0.5, lora, rope, True,
+                None, None)
+        kwargs = {} if q_len == 1 else dict(max_seqlen_q=q_len)
+        cases.append(HostCase(f"triton_api.{name}", lambda fn=fn, args=args, kwargs=kwargs: fn(*args, **kwargs), like))
+    return cases
+
+
+def host_cases(device) -> list:
+    """One :class:`aiter_core.host.HostCase` per public function of aiter-mla that launches work,
+    at a tiny shape (production dims in bf16 on a GPU, small fp16 ones on the CPU), inputs made
+    and outputs allocated here (``aiter bench host``)."""
+    dtype, lora, rope, d_qk, d_v = _host_dims(device)
+    return [
+        _decode_case(device, dtype, lora=lora, rope=rope),
+        _decode_case(device, dtype, lora=lora, rope=rope, q_len=8, name="mla_prefill_fwd", like="prefill"),
+        _prefill_ps_case(device, dtype, d_qk=d_qk, d_v=d_v),
+        *_reduce_cases(device, dtype, lora=lora),
+        *_sglang_cases(device, dtype, lora=lora, rope=rope),
+        *_cache_cases(device, dtype, lora=lora, rope=rope),
+        *_block_table_cases(device, dtype, lora=lora, rope=rope),
+    ]
+
+
+def warmup_cases(device) -> list:
+    """Calls compiling the kernel specialisations serving hits (``aiter warmup``): MLA's 576/512
+    dims in bf16 and fp16 and with an fp8 KV cache, 16 and 128 heads (the memory- and
+    compute-bound tiles), one split and split KV with its merge, MTP, page sizes 1 and 64, the
+    persistent form, prefill (absorbed and 192/128 non-absorbed), SGLang's decode forms (MLA,
+    and GQA head dims 64 and 128), the cache writes; plus every host case."""
+    import torch
+
+    gpu = torch.device(device).type == "cuda"
+    dtypes = (torch.bfloat16, torch.float16) if gpu else (torch.float16,)
+    _, lora, rope, d_qk, d_v = _host_dims(device)
+    fp8 = torch.float8_e4m3fn
+    cases = list(host_cases(device))
+    for dtype in dtypes:
+        kv_types = (None, fp8) if gpu else (None,)
+        for kv_dtype, heads in itertools.product(kv_types, (16, 128)):
+            for page, splits in itertools.product((1, 64), (1, 4)):
+                cases.append(_decode_case(device, dtype, heads=heads, batch=4, kv_len=256, page=page, lora=lora,
+                                          rope=rope, kv_dtype=kv_dtype, splits=splits))
+            cases.append(_decode_case(device, dtype, heads=heads, batch=4, kv_len=256, q_len=2, lora=lora, rope=rope,
+                                      kv_dtype=kv_dtype, splits=4))  # MTP
+        for heads in (16, 128):
+            cases.append(_decode_case(device, dtype, heads=heads, batch=4, kv_len=256, page=64, lora=lora, rope=rope,
+                                      persistent=True))
+            cases.append(_decode_case(device, dtype, heads=heads, batch=2, kv_len=256, q_len=64, page=64, lora=lora,
+                                      rope=rope, name="mla_prefill_fwd", like="prefill"))
+        cases.append(_prefill_ps_case(device, dtype, d_qk=d_qk, d_v=d_v, q_len=128))
+        cases += _sglang_cases(device, dtype, lora=lora, rope=rope)
+        cases += _sglang_cases(device, dtype, lora=lora, rope=rope, with_rope=False)
+        cases += [_gqa_decode_case(device, dtype, head_dim) for head_dim in (64, 128)]
+        cases += _cache_cases(device, dtype, lora=lora, rope=rope)
+        if gpu:
+            cases += _cache_cases(device, dtype, lora=lora, rope=rope, cache_dtype=fp8)
+        cases += _block_table_cases(device, dtype, lora=lora, rope=rope, page=64)
+    return cases
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -232,8 +495,8 @@ def main(argv=None) -> int:
             best = None
             for cfg in _sweep_configs(heads):
                 for splits in (1, 2, 4, 8):
-                    po = torch.empty(batch, splits, heads, LORA, dtype=torch.float32, device=DEVICE)
-                    pl = torch.empty(batch, splits, heads, dtype=torch.float32, device=DEVICE)
+                    po = torch.empty(batch, heads, splits, LORA, dtype=torch.float32, device=DEVICE)
+                    pl = torch.empty(batch, heads, splits, dtype=torch.float32, device=DEVICE)
 
                     def fn(cfg=cfg, splits=splits, po=po, pl=pl):
                         launch.attention(case.q, case.kv, o, qo_indptr=case.qo_indptr, max_seqlen_q=1, table_mode=0,

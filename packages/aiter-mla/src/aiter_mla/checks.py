@@ -333,7 +333,7 @@ def optional_tensor(name: str, x, ndims: tuple, dtypes, device, like: str = "q")
 def index(name: str, x, n: Optional[int], device, like: str = "q") -> int:
     """A contiguous 1-D int32 tensor of ``n`` entries (any number when None) on ``device`` (any
     device when None); its length."""
-    if (isinstance(x, Tensor) and x.dtype == torch.int32 and x.dim() == 1 and (device is None or x.device == device)
+    if (isinstance(x, Tensor) and x.dtype is torch.int32 and x.dim() == 1 and (device is None or x.device == device)
             and x.is_contiguous()):
         length = x.shape[0]
         if n is None or length == n:
@@ -370,7 +370,7 @@ def flag(name: str, value) -> bool:
 
 
 def last_dim_contiguous(name: str, x: Tensor) -> None:
-    if x.stride(-1) != 1:
+    if not x.is_contiguous() and x.stride(-1) != 1:
         check_last_dim_contiguous(name, x)
 
 
@@ -382,7 +382,7 @@ def q_block(max_seqlen_q: int) -> int:
 
 
 def _shape(name: str, x: Tensor, expected: tuple) -> None:
-    if tuple(x.shape) != expected:
+    if x.shape != expected:
         raise ValueError(f"{name} must be [{', '.join(map(str, expected))}], got {tuple(x.shape)}")
 
 

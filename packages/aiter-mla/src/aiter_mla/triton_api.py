@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from . import checks, ops
+from .triton.launch import choose_num_kv_splits
 
 Tensor = torch.Tensor
 F32 = torch.float32
@@ -31,8 +32,6 @@ def _block_table(q, kv_buffer, out, cu_seqlens_q, seqused_k, block_tables, softm
             # decode batches are usually one token per sequence: known from shapes, no sync
             max_seqlen_q = 1 if total_q == batch else int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
         if num_kv_splits is None:
-            from .triton.launch import choose_num_kv_splits
-
             num_kv_splits = choose_num_kv_splits(batch, block_tables.numel() * kv_buffer.shape[1], heads,
                                                  max_seqlen_q, kv_buffer.dtype, kv_lora_rank,
                                                  "mla_attention_block_table")

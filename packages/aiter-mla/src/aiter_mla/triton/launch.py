@@ -12,6 +12,7 @@ cached per device, so every launch can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import inspect
 from functools import lru_cache
 from typing import NamedTuple, Optional
 
@@ -177,43 +178,76 @@ def _capturing(t: Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _placeholder(device, dtype: torch.dtype, value: float) -> Tensor:
-    """A tiny tensor standing in for an absent optional pointer argument (never read, or read as
-    1.0 for a missing scale). Cached per device so a decode step launches no fill kernels; not
-    cached while a CUDA graph is being captured (its memory belongs to the graph's pool)."""
-    cached = _PLACEHOLDERS.get((device, dtype))
+def placeholders(device) -> tuple[Tensor, Tensor]:
+    """(int32 zeros, float32 ones): tiny tensors standing in for absent optional pointer
+    arguments (an index table never read; a missing scale read as 1.0). Cached per device so a
+    decode step launches no fill kernels; not cached while a CUDA graph is being captured (their
+    memory would belong to the graph's pool)."""
+    cached = _PLACEHOLDERS.get(device)
     if cached is not None:
         return cached
-    t = torch.full((2,), value, dtype=dtype, device=device)
-    if not _capturing(t):
-        _PLACEHOLDERS[(device, dtype)] = t
-    return t
-
-
-def _dummy(device) -> Tensor:
-    return _placeholder(device, torch.int32, 0)
+    pair = (torch.zeros(2, dtype=torch.int32, device=device), torch.ones(2, dtype=torch.float32, device=device))
+    if not _capturing(pair[0]):
+        _PLACEHOLDERS[device] = pair
+    return pair
 
 
 def _one(device) -> Tensor:
-    return _placeholder(device, torch.float32, 1.0)
+    return placeholders(device)[1]
 
 
 def iota(device, n: int) -> Tensor:
-    """``arange(n)`` int32 on ``device`` (one query token per sequence: ``qo_indptr``), a view of
-    a cached tensor (cached as :func:`_placeholder`)."""
-    cached = _IOTA.get(device)
-    if cached is None or cached.shape[0] < n:
-        cached = torch.arange(max(4096, next_pow2(n)), dtype=torch.int32, device=device)
-        if _capturing(cached):
-            return cached[:n]
-        _IOTA[device] = cached
-    return cached[:n]
+    """``arange(n)`` int32 on ``device`` (one query token per sequence: ``qo_indptr``), cached per
+    device and length (as :func:`placeholders`)."""
+    cached = _IOTA.get((device, n))
+    if cached is None:
+        cached = torch.arange(n, dtype=torch.int32, device=device)
+        if not _capturing(cached):
+            _IOTA[(device, n)] = cached
+    return cached
 
 
 def offset_bits(*caches: Tensor) -> int:
     """32 when every element of the caches is within 2**31 of its data pointer (int32 address
     arithmetic in the kernels: a sixth fewer instructions in the memory-bound decode), else 64."""
-    return 32 if max(max_element_offset(c) for c in caches) < 2**31 else 64
+    for c in caches:
+        # a contiguous tensor's last element is numel - 1 from its pointer (the common case, cheaply)
+        if (c.numel() - 1 if c.is_contiguous() else max_element_offset(c)) >= 2**31:
+            return 64
+    return 32
+
+
+def _constexpr_names(kernel) -> tuple[str, ...]:
+    """The ``tl.constexpr`` parameters of ``kernel`` in signature order (they follow every runtime
+    parameter, so a launch can pass them positionally after the runtime arguments: keyword
+    arguments cost microseconds per launch in Triton's launcher and in Python)."""
+    params = list(inspect.signature(kernel.fn).parameters.values())
+    is_constexpr = ["constexpr" in str(p.annotation) for p in params]
+    first = is_constexpr.index(True)
+    if not all(is_constexpr[first:]):
+        raise TypeError(f"{kernel.fn.__name__}: the constexpr parameters must come after the runtime ones")
+    return tuple(p.name for p in params[first:])
+
+
+_ATTN_CONSTEXPRS = _constexpr_names(mla_attn_kernel)
+
+
+@lru_cache(maxsize=1024)
+def attention_constexprs(config: TileConfig, d_nope: int, d_rope: int, d_v: int, separate_v: bool, page_size: int,
+                         table_mode: int, causal: bool, compute: int, write_lse: bool, has_q_scale: bool,
+                         has_kv_scale: bool, has_v_scale: bool, softcap: bool, last_rope: bool,
+                         offset_bits: int) -> tuple:
+    """The constexpr arguments of :func:`mla_attn_kernel` for one specialisation, in its
+    signature order (see :func:`_constexpr_names`)."""
+    named = dict(
+        D_NOPE=d_nope, D_ROPE=d_rope, D_V=d_v,
+        BLOCK_DN=max(16, next_pow2(d_nope)), BLOCK_DR=max(16, next_pow2(d_rope)), BLOCK_DV=max(16, next_pow2(d_v)),
+        SEPARATE_V=separate_v, BLOCK_H=config.BLOCK_H, BLOCK_Q=config.BLOCK_Q, BLOCK_N=config.BLOCK_N,
+        PAGE_SIZE=page_size, TABLE_MODE=table_mode, CAUSAL=causal, COMPUTE=compute, WRITE_LSE=write_lse,
+        HAS_Q_SCALE=has_q_scale, HAS_KV_SCALE=has_kv_scale, HAS_V_SCALE=has_v_scale, SOFTCAP=softcap,
+        LAST_ROPE=last_rope, PREFETCH=bool(config.prefetch), OFFSET_BITS=offset_bits,
+    )
+    return tuple(named[name] for name in _ATTN_CONSTEXPRS)
 
 
 # -- the attention kernel --------------------------------------------------------------------------
@@ -231,8 +265,9 @@ def attention(q: Tensor, kv: Tensor, out: Tensor, *, qo_indptr: Tensor, max_seql
 
     ``kv`` is ``[pages, page_size, Hk, D]`` or ``[tokens, Hk, D]`` (page size 1); ``v`` (same
     layout) a separate V, else V is the first ``Dv`` values of the K rows. With ``num_splits >
-    1`` (or ``always_partials``) the split partials go to ``partial_o [T, S, H, Dv]`` and
-    ``partial_lse [T, S, H]`` (fp32, any strides), then are merged into ``out``/``lse``.
+    1`` (or ``always_partials``) the split partials go to ``partial_o [T, H, S, Dv]`` and
+    ``partial_lse [T, H, S]`` (fp32, any strides; rows, then splits: the layout of the merge),
+    then are merged into ``out``/``lse``.
     ``softcap > 0`` caps the scores; ``last_rope [B, D_ROPE]`` replaces the rope part of each
     sequence's last key (decode with in-kernel RoPE).
     """
@@ -267,8 +302,8 @@ def attention(q: Tensor, kv: Tensor, out: Tensor, *, qo_indptr: Tensor, max_seql
     split = num_splits > 1 or always_partials
     if split:
         po_st, pl_st = partial_o.stride(), partial_lse.stride()
-        o_dst, o_t, o_s, o_h = partial_o, po_st[0], po_st[1], po_st[2]
-        l_dst, l_t, l_s, l_h = partial_lse, pl_st[0], pl_st[1], pl_st[2]
+        o_dst, o_t, o_h, o_s = partial_o, po_st[0], po_st[1], po_st[2]
+        l_dst, l_t, l_h, l_s = partial_lse, pl_st[0], pl_st[1], pl_st[2]
     else:
         out_st = out.stride()
         o_dst, o_t, o_s, o_h = out, out_st[0], 0, out_st[1]
@@ -277,8 +312,11 @@ def attention(q: Tensor, kv: Tensor, out: Tensor, *, qo_indptr: Tensor, max_seql
             l_dst, l_t, l_s, l_h = lse, lse_st[0], 0, lse_st[1]
         else:
             l_dst, l_t, l_s, l_h = None, 0, 0, 0
-    d_rope = dim - d_nope
-    dummy, one = _dummy(device), _one(device)
+    dummy, one = placeholders(device)
+    constexprs = attention_constexprs(config, d_nope, dim - d_nope, d_v, v is not None, page_size, table_mode, causal,
+                                      compute_code(q.dtype, kv.dtype, v_dtype), split or lse is not None,
+                                      q_scale is not None, kv_scale is not None, v_scale is not None, softcap > 0,
+                                      last_rope is not None, bits)
     grid = (batch * q_tiles, cdiv(num_heads, config.BLOCK_H), num_splits)
     mla_attn_kernel[grid](
         q, q_st[0], q_st[1],
@@ -294,23 +332,12 @@ def attention(q: Tensor, kv: Tensor, out: Tensor, *, qo_indptr: Tensor, max_seql
         one if last_rope is None else last_rope, 0 if last_rope is None else last_rope.stride(0),
         sm_scale, softcap, num_heads, heads_per_kv, kv_shape[0], q_tiles, num_splits,
         block_tables.shape[1] if table_mode == 1 else kv_indices.shape[0], total_q,
-        D_NOPE=d_nope, D_ROPE=d_rope, D_V=d_v,
-        BLOCK_DN=max(16, next_pow2(d_nope)), BLOCK_DR=max(16, next_pow2(d_rope)), BLOCK_DV=max(16, next_pow2(d_v)),
-        SEPARATE_V=v is not None, BLOCK_H=config.BLOCK_H, BLOCK_Q=config.BLOCK_Q, BLOCK_N=config.BLOCK_N,
-        PAGE_SIZE=page_size, TABLE_MODE=table_mode,
-        CAUSAL=causal, COMPUTE=compute_code(q.dtype, kv.dtype, v_dtype), WRITE_LSE=split or lse is not None,
-        HAS_Q_SCALE=q_scale is not None, HAS_KV_SCALE=kv_scale is not None, HAS_V_SCALE=v_scale is not None,
-        SOFTCAP=softcap > 0, LAST_ROPE=last_rope is not None, PREFETCH=bool(config.prefetch),
-        OFFSET_BITS=bits, num_warps=config.num_warps, num_stages=config.num_stages,
+        *constexprs, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:
-        merge(partial_o, partial_lse, out, lse)
-
-
-def merge(partial_o: Tensor, partial_lse: Tensor, out: Tensor, lse: Optional[Tensor]) -> None:
-    """LSE-weighted merge of ``partial_o [T, S, H, Dv]`` / ``partial_lse [T, S, H]`` into
-    ``out [T, H, Dv]`` (and ``lse [T, H]``), by aiter_core's split-K merge (rows (T, H))."""
-    splitk_merge(partial_o.permute(0, 2, 1, 3), partial_lse.permute(0, 2, 1), out, lse)
+        # aiter_core's split-K merge over rows (T, H); its block_d default is computed here
+        # (triton.next_power_of_2 costs microseconds on the host)
+        splitk_merge(partial_o, partial_lse, out, lse, block_d=min(next_pow2(d_v), 256))
 
 
 # -- one launcher per op ----------------------------------------------------------------------------
@@ -323,8 +350,9 @@ def _paged(call, op: str) -> None:
               page_size=call.page_size, d_nope=key.d_nope, sm_scale=call.sm_scale, causal=call.causal,
               config=attention_config(op, key), kv_indptr=call.kv_indptr, kv_indices=call.kv_indices,
               kv_last_page_lens=call.kv_last_page_lens, lse=call.final_lse, q_scale=call.q_scale,
-              kv_scale=call.kv_scale, num_splits=call.num_kv_splits, partial_o=call.logits,
-              partial_lse=call.attn_lse)
+              kv_scale=call.kv_scale, num_splits=call.num_kv_splits,
+              partial_o=None if call.logits is None else call.logits.permute(0, 2, 1, 3),
+              partial_lse=None if call.attn_lse is None else call.attn_lse.permute(0, 2, 1))
 
 
 def mla_decode_fwd(call) -> None:
@@ -419,8 +447,9 @@ def mla_attention_block_table(call) -> None:
               table_mode=1, page_size=call.kv_buffer.shape[1], d_nope=key.d_nope, sm_scale=call.softmax_scale,
               causal=call.causal, config=attention_config("mla_attention_block_table", key),
               seqused_k=call.seqused_k, block_tables=call.block_tables, lse=call.lse, q_scale=call.q_descale,
-              kv_scale=call.kv_descale, num_splits=call.num_splits, partial_o=call.partial_o,
-              partial_lse=call.partial_lse)
+              kv_scale=call.kv_descale, num_splits=call.num_splits,
+              partial_o=None if call.partial_o is None else call.partial_o.permute(0, 2, 1, 3),
+              partial_lse=None if call.partial_lse is None else call.partial_lse.permute(0, 2, 1))
 
 
 def decode_attention_fwd_grouped_rope(call) -> None:
@@ -436,9 +465,10 @@ def decode_attention_fwd_grouped_rope(call) -> None:
         k_pe = last_rope = call.k_pe_tokens
         k_buffer, cos_sin = call.k_buffer, call.cos_sin_cache
         rope = key.d_rope
+        q_st, rot_st = call.q.stride(), q.stride()
         _rope_decode_kernel[(batch,)](
-            call.q, call.q.stride(0), call.q.stride(1), q, q.stride(0), q.stride(1),
-            k_buffer, k_buffer.stride(0), k_pe, k_pe.stride(0),
+            call.q, q_st[0], q_st[1], q, rot_st[0], rot_st[1],
+            k_buffer, k_buffer.stride()[0], k_pe, k_pe.stride()[0],
             call.kv_indptr, call.kv_indices, call.positions, cos_sin, cos_sin.stride(0),
             key.num_heads,
             LORA=lora, ROPE=rope, ROT=call.rotary_dim, BLOCK_R=max(16, next_pow2(rope)), BLOCK_HQ=ROPE_BLOCK_HQ,
@@ -449,8 +479,8 @@ def decode_attention_fwd_grouped_rope(call) -> None:
               page_size=1, d_nope=lora, sm_scale=call.sm_scale, causal=False,
               config=attention_config("decode_attention_fwd_grouped_rope", key), kv_indptr=call.kv_indptr,
               kv_indices=call.kv_indices, v=None if key.v_dtype is None else call.v_buffer,
-              num_splits=call.num_kv_splits, partial_o=logits[..., :lora].permute(0, 2, 1, 3),
-              partial_lse=logits[..., lora].permute(0, 2, 1), softcap=call.logit_cap, last_rope=last_rope,
+              num_splits=call.num_kv_splits, partial_o=logits.narrow(3, 0, lora), partial_lse=logits.select(3, lora),
+              softcap=call.logit_cap, last_rope=last_rope,
               always_partials=True)
 
 
@@ -462,13 +492,13 @@ def decode_attention_fwd(call) -> None:
     k, v = call.k_buffer, call.v_buffer
     absorbed = key.v_dtype is None
     logits, d_v = call.attn_logits, key.d_v
-    lse_src = logits[..., d_v] if call.attn_lse is None else call.attn_lse
     attention(q, k.view(-1, page, *k.shape[1:]), call.o, qo_indptr=iota(q.device, q.shape[0] + 1), max_seqlen_q=1,
               table_mode=1, page_size=page, d_nope=key.d_nope, sm_scale=call.sm_scale, causal=False,
               config=attention_config("decode_attention_fwd", key), seqused_k=call.b_seq_len,
               block_tables=call.req_to_token, v=None if absorbed else v.view(-1, page, *v.shape[1:]), lse=call.lse,
               kv_scale=call.k_scale, v_scale=None if absorbed else call.v_scale, num_splits=call.num_kv_splits,
-              partial_o=logits[..., :d_v].permute(0, 2, 1, 3), partial_lse=lse_src.permute(0, 2, 1),
+              partial_o=logits.narrow(3, 0, d_v),
+              partial_lse=logits.select(3, d_v) if call.attn_lse is None else call.attn_lse,
               softcap=call.logit_cap, always_partials=True)
 
 
@@ -484,7 +514,7 @@ def concat_and_cache_mla(call) -> None:
     fp8 = fp8_max(cache.dtype)
     c_st = cache.stride()
     _concat_cache_kernel[(tokens,)](
-        kv_c, kv_c.stride(0), k_pe, k_pe.stride(0), cache, c_st[0], c_st[1], call.slot_mapping,
+        kv_c, kv_c.stride()[0], k_pe, k_pe.stride()[0], cache, c_st[0], c_st[1], call.slot_mapping,
         _one(cache.device) if call.scale is None else call.scale, cache.shape[1],
         LORA=lora, PE=pe, BLOCK_L=next_pow2(lora), BLOCK_P=next_pow2(pe), FP8=fp8 > 0, FP8_MAX=fp8, num_warps=4,
     )
@@ -504,16 +534,18 @@ def _fused_rope_cache(q_nope, q_pe, k_nope, k_pe, cache_rows, cache_head_stride,
     one = _one(q_nope.device)
     q_fp8, k_fp8 = fp8_max(q_out.dtype), fp8_max(cache_rows.dtype)
     dqp = decode_q_pe_out
+    qn_st, qp_st, kn_st, kp_st, qo_st, c_st = (q_nope.stride(), q_pe.stride(), k_nope.stride(), k_pe.stride(),
+                                               q_out.stride(), cache_rows.stride())
+    kpo_st = (0, 0) if k_pe_out is None else k_pe_out.stride()
+    dqp_st = (0, 0) if dqp is None else dqp.stride()
     grid = (tokens, cdiv(q_heads, ROPE_BLOCK_HQ) + 1)
     _fused_rope_cache_kernel[grid](
-        q_nope, q_nope.stride(0), q_nope.stride(1), q_pe, q_pe.stride(0), q_pe.stride(1),
-        k_nope, k_nope.stride(0), k_nope.stride(1), k_pe, k_pe.stride(0), k_pe.stride(1),
-        q_out, q_out.stride(0), q_out.stride(1),
-        one if k_pe_out is None else k_pe_out, 0 if k_pe_out is None else k_pe_out.stride(0),
-        0 if k_pe_out is None else k_pe_out.stride(1),
-        one if dqp is None else dqp, 0 if dqp is None else dqp.stride(0), 0 if dqp is None else dqp.stride(1),
-        0 if dqp is None else dqp.shape[0],
-        cache_rows, cache_rows.stride(0), cache_rows.stride(1), cache_head_stride, block_size, slot_mapping,
+        q_nope, qn_st[0], qn_st[1], q_pe, qp_st[0], qp_st[1],
+        k_nope, kn_st[0], kn_st[1], k_pe, kp_st[0], kp_st[1],
+        q_out, qo_st[0], qo_st[1],
+        one if k_pe_out is None else k_pe_out, kpo_st[0], kpo_st[1],
+        one if dqp is None else dqp, dqp_st[0], dqp_st[1], 0 if dqp is None else dqp.shape[0],
+        cache_rows, c_st[0], c_st[1], cache_head_stride, block_size, slot_mapping,
         pos, cos, sin, cos.stride(0), one if q_scale is None else q_scale, one if k_scale is None else k_scale,
         n_q, n_k, q_heads, k_heads,
         D1=d1, D2=d2, B1=next_pow2(d1), B2=next_pow2(d2), BLOCK_HQ=ROPE_BLOCK_HQ, IS_NEOX=is_neox,
@@ -534,7 +566,7 @@ def fused_qk_rope_cat_and_cache_mla(call) -> None:
     """Cache ``[rows, KH, D1 + D2]``, slot = row (block size 1)."""
     cache = call.kv_cache
     k_scale = call.k_scale if call.apply_scale else None  # an fp8 cache without a scale stores x / 1
-    _fused_rope_cache(call.q_nope, call.q_pe, call.k_nope, call.k_pe, cache.unsqueeze(1), cache.stride(1), 1,
+    _fused_rope_cache(call.q_nope, call.q_pe, call.k_nope, call.k_pe, cache.unsqueeze(1), cache.stride()[1], 1,
                       call.slot_mapping, call.pos, call.cos, call.sin, call.q_out, call.k_pe_out,
                       call.decode_q_pe_out, None, k_scale, call.is_neox, True)
     if call.q_nope_zeros_out is not None:
