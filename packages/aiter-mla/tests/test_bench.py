@@ -64,3 +64,26 @@ def test_cpu_dry_run_writes_results(monkeypatch, tmp_path):
         assert any(p.startswith("best-sweep") for p in providers)
     assert set(result["metadata"]["targets"]) == {"mem_tbps", "compute_tflops", "fp8_speedup_over_bf16"}
     assert (tmp_path / "mla.md").exists()
+
+
+def test_host_cases_cover_every_public_function_and_run_on_the_cpu():
+    """One host case per public function that launches work (``aiter bench host``), each run once
+    on CPU tensors (fp16, small dims) through the Triton interpreter."""
+    from aiter_mla import api, triton_api
+
+    cases = bench.host_cases("cpu")
+    planning_only = {"get_mla_metadata_info_v1", "get_mla_decode_fwd_max_splits"}
+    expected = (set(api.__all__) - planning_only) | {f"triton_api.{name}" for name in triton_api.__all__}
+    assert sorted(c.op for c in cases) == sorted(expected)
+    assert {c.like for c in cases} == {"decode", "prefill"}
+    for case in cases:
+        case.call()
+
+
+def test_warmup_cases_include_the_host_cases():
+    """``aiter warmup`` compiles what the host benchmark's first calls hit, and more (built here
+    on the CPU, not run: the interpreter would take minutes for the 576-wide ones)."""
+    cases = bench.warmup_cases("cpu")
+    ops = [c.op for c in cases]
+    assert set(c.op for c in bench.host_cases("cpu")) <= set(ops)
+    assert ops.count("mla_decode_fwd") > 8 and "decode_attention_fwd" in ops

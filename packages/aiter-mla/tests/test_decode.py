@@ -245,3 +245,15 @@ def test_offset_bits_from_cache_extent():
     small = torch.empty(64, 64, 1, 576, device="meta")
     big = torch.empty(4096, 64, 1, 8192 + 1, device="meta")  # 2**31 + 2**18 elements
     assert offset_bits(small) == 32 and offset_bits(small, big) == 64
+
+
+def test_config_override_is_per_op(monkeypatch):
+    """AITER_<OP>_CONFIG changes the launch config of its own op only."""
+    from aiter_mla.checks import AttnKey
+    from aiter_mla.triton.launch import attention_config
+
+    key = AttnKey(torch.device("cpu"), torch.float32, torch.float32, None, torch.float32, 16, 1, 1, 64, 16, 64)
+    base = attention_config("mla_prefill_fwd", key)
+    monkeypatch.setenv("AITER_MLA_DECODE_FWD_CONFIG", "BLOCK_N=64,num_warps=8")
+    assert attention_config("mla_prefill_fwd", key) == base
+    assert attention_config("mla_decode_fwd", key) == base._replace(BLOCK_N=64, num_warps=8)
