@@ -94,28 +94,28 @@ def triton_fused_qk_rope_cat_and_cache_mla(call) -> None:
 # -- reference -----------------------------------------------------------------------------------
 
 
-def _single_split_partials(partial_o, partial_lse, o32, lse32) -> None:
-    """Partials of a single-split decomposition: split 0 holds the result, the others nothing."""
-    if partial_o is None:
-        return
-    partial_o.zero_()
-    partial_o[:, 0] = o32
-    partial_lse.fill_(float("-inf"))
-    partial_lse[:, 0] = lse32
+def _write_result(o32, lse32, out, lse, partial_o=None, partial_lse=None) -> None:
+    """The reference's fp32 result into the op's outputs; split partials (when the op has
+    them) as a single-split decomposition: split 0 holds the result, the others nothing."""
+    out.copy_(o32)
+    if lse is not None:
+        lse.copy_(lse32)
+    if partial_o is not None:
+        partial_o.zero_()
+        partial_o[:, 0] = o32
+        partial_lse.fill_(float("-inf"))
+        partial_lse[:, 0] = lse32
 
 
 def reference_paged_attention(call) -> None:
     """``mla_decode_fwd`` and ``mla_prefill_fwd`` (one Call type)."""
     from .reference import mla_decode_ref
 
-    out, lse = mla_decode_ref(call.q, call.kv_buffer, call.qo_indptr, call.kv_indptr, call.kv_indices,
-                              call.kv_last_page_lens, kv_lora_rank=call.key.d_v, page_size=call.page_size,
-                              sm_scale=call.sm_scale, causal=call.causal, q_scale=call.q_scale,
-                              kv_scale=call.kv_scale)
-    call.o.copy_(out)
-    if call.final_lse is not None:
-        call.final_lse.copy_(lse)
-    _single_split_partials(call.logits, call.attn_lse, out, lse)
+    o32, lse32 = mla_decode_ref(call.q, call.kv_buffer, call.qo_indptr, call.kv_indptr, call.kv_indices,
+                                call.kv_last_page_lens, kv_lora_rank=call.key.d_v, page_size=call.page_size,
+                                sm_scale=call.sm_scale, causal=call.causal, q_scale=call.q_scale,
+                                kv_scale=call.kv_scale)
+    _write_result(o32, lse32, call.o, call.final_lse, call.logits, call.attn_lse)
 
 
 def reference_mla_decode_fwd_persistent(call) -> None:
@@ -141,12 +141,10 @@ def reference_mla_reduce_v1(call) -> None:
 def reference_mla_prefill_ps_fwd(call) -> None:
     from .reference import mla_prefill_ps_ref
 
-    out, lse = mla_prefill_ps_ref(call.q, call.k, call.v, call.qo_indptr, call.kv_indptr, call.kv_page_indices,
-                                  is_causal=call.is_causal, softmax_scale=call.softmax_scale, q_scale=call.q_scale,
-                                  k_scale=call.k_scale, v_scale=call.v_scale)
-    call.output.copy_(out)
-    if call.lse is not None:
-        call.lse.copy_(lse)
+    o32, lse32 = mla_prefill_ps_ref(call.q, call.k, call.v, call.qo_indptr, call.kv_indptr, call.kv_page_indices,
+                                    is_causal=call.is_causal, softmax_scale=call.softmax_scale, q_scale=call.q_scale,
+                                    k_scale=call.k_scale, v_scale=call.v_scale)
+    _write_result(o32, lse32, call.output, call.lse)
 
 
 def reference_mla_attention_block_table(call) -> None:
@@ -155,10 +153,7 @@ def reference_mla_attention_block_table(call) -> None:
     o32, lse32 = mla_block_table_ref(call.q, call.kv_buffer, call.cu_seqlens_q, call.seqused_k, call.block_tables,
                                      kv_lora_rank=call.kv_lora_rank, sm_scale=call.softmax_scale, causal=call.causal,
                                      q_scale=call.q_descale, kv_scale=call.kv_descale)
-    call.out.copy_(o32)
-    if call.lse is not None:
-        call.lse.copy_(lse32)
-    _single_split_partials(call.partial_o, call.partial_lse, o32, lse32)
+    _write_result(o32, lse32, call.out, call.lse, call.partial_o, call.partial_lse)
 
 
 def reference_decode_attention_fwd_grouped_rope(call) -> None:
@@ -193,10 +188,7 @@ def reference_decode_attention_fwd(call) -> None:
     o32, lse32 = decode_paged_ref(call.q, call.k_buffer, call.v_buffer, call.req_to_token, call.b_seq_len,
                                   page_size=call.page_size, sm_scale=call.sm_scale, logit_cap=call.logit_cap,
                                   k_scale=call.k_scale, v_scale=call.v_scale)
-    call.o.copy_(o32)
-    if call.lse is not None:
-        call.lse.copy_(lse32)
-    _single_split_partials(*_sglang_partials(call), o32, lse32)
+    _write_result(o32, lse32, call.o, call.lse, *_sglang_partials(call))
 
 
 def reference_concat_and_cache_mla(call) -> None:

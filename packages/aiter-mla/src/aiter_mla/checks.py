@@ -326,10 +326,6 @@ def tensor(name: str, x, ndims: Optional[tuple], dtypes=None, device=None, like:
     return check_tensor(name, x, ndim=ndims, dtypes=dtypes, device=device, like=like)
 
 
-def optional_tensor(name: str, x, ndims: tuple, dtypes, device, like: str = "q") -> Optional[Tensor]:
-    return None if x is None else tensor(name, x, ndims, dtypes, device, like)
-
-
 def index(name: str, x, n: Optional[int], device, like: str = "q") -> int:
     """A contiguous 1-D int32 tensor of ``n`` entries (any number when None) on ``device`` (any
     device when None); its length."""
@@ -448,6 +444,21 @@ def _lse(name: str, x, rows: int, heads: int, device) -> Optional[Tensor]:
     return x if x.dim() == 2 and x.shape[0] == rows else x.view(rows, heads)
 
 
+def _split_partials(names: tuple[str, str, str], partial_o, partial_lse, splits, total_q: int, heads: int,
+                    d_v: int, device):
+    """(splits, partial_o, partial_lse): fp32 ``[total_q, splits, H, Dv]`` / ``[total_q, splits,
+    H]`` partial buffers, required when ``splits`` (named ``names[0]``) is > 1, else None."""
+    splits = integer(names[0], splits, 1)
+    if splits == 1:
+        return 1, None, None
+    tensor(names[1], partial_o, (4,), F32, device)
+    tensor(names[2], partial_lse, (3,), F32, device)
+    _shape(names[1], partial_o, (total_q, splits, heads, d_v))
+    _shape(names[2], partial_lse, (total_q, splits, heads))
+    last_dim_contiguous(names[1], partial_o)
+    return splits, partial_o, partial_lse
+
+
 def _sm_scale(value, dim: int) -> float:
     return dim ** -0.5 if value is None else real("sm_scale", value)
 
@@ -468,17 +479,9 @@ def mla_decode_fwd(q: Tensor, kv_buffer: Tensor, o: Tensor, qo_indptr: Tensor, k
     page_size = integer("page_size", page_size, 1)
     _page_table(qo_indptr, kv_indptr, kv_indices, kv_last_page_lens, device)
     kv = _paged_kv(kv_buffer, dim, page_size, device)
-    splits = integer("num_kv_splits", num_kv_splits, 1)
-    if splits > 1:
-        tensor("logits", logits, (4,), F32, device)
-        tensor("attn_lse", attn_lse, (3,), F32, device)
-        _shape("logits", logits, (total_q, splits, heads, d_v))
-        _shape("attn_lse", attn_lse, (total_q, splits, heads))
-        last_dim_contiguous("logits", logits)
-    else:
-        logits = attn_lse = None
-    kv_dtype = kv.dtype
-    key = AttnKey(device, q.dtype, kv_dtype, None, o.dtype, heads, 1, q_block(max_seqlen_q), d_v, dim - d_v, d_v)
+    splits, logits, attn_lse = _split_partials(("num_kv_splits", "logits", "attn_lse"), logits, attn_lse,
+                                               num_kv_splits, total_q, heads, d_v, device)
+    key = AttnKey(device, q.dtype, kv.dtype, None, o.dtype, heads, 1, q_block(max_seqlen_q), d_v, dim - d_v, d_v)
     return PagedCall(q, kv, o, qo_indptr, kv_indptr, kv_indices, kv_last_page_lens, max_seqlen_q, page_size,
                      _sm_scale(sm_scale, dim), flag("causal", causal), splits, logits, attn_lse,
                      _lse("final_lse", final_lse, total_q, heads, device), scale_f32("q_scale", q_scale, device),
@@ -649,21 +652,28 @@ def mla_attention_block_table(q: Tensor, kv_buffer: Tensor, out: Tensor, cu_seql
     last_dim_contiguous("kv_buffer", kv_buffer)
     last_dim_contiguous("out", out)
     max_seqlen_q = integer("max_seqlen_q", max_seqlen_q, 1)
-    splits = integer("num_splits", num_splits, 1)
-    if splits > 1:
-        tensor("partial_o", partial_o, (4,), F32, device)
-        tensor("partial_lse", partial_lse, (3,), F32, device)
-        _shape("partial_o", partial_o, (total_q, splits, heads, kv_lora_rank))
-        _shape("partial_lse", partial_lse, (total_q, splits, heads))
-        last_dim_contiguous("partial_o", partial_o)
-    else:
-        partial_o = partial_lse = None
+    splits, partial_o, partial_lse = _split_partials(("num_splits", "partial_o", "partial_lse"), partial_o,
+                                                     partial_lse, num_splits, total_q, heads, kv_lora_rank, device)
     key = AttnKey(device, q.dtype, kv_buffer.dtype, None, out.dtype, heads, 1, q_block(max_seqlen_q), kv_lora_rank,
                   rope, kv_lora_rank)
     return BlockTableCall(q, kv_buffer, out, cu_seqlens_q, seqused_k, block_tables, max_seqlen_q,
                           real("softmax_scale", softmax_scale), kv_lora_rank, flag("causal", causal), splits, partial_o,
                           partial_lse, _lse("lse", lse, total_q, heads, device),
                           scale_f32("q_descale", q_descale, device), scale_f32("kv_descale", kv_descale, device), key, backend)
+
+
+def _sglang_buffers(q, k_buffer, v_buffer, o, attn_logits):
+    """The five tensors of SGLang's decode forms (3-D q, k, v, o; 4-D fp32 ``attn_logits``), each
+    contiguous in its last dimension: their device."""
+    tensor("q", q, (3,), Q_DTYPES)
+    device = q.device
+    tensor("k_buffer", k_buffer, (3,), Q_DTYPES, device)
+    tensor("v_buffer", v_buffer, (3,), Q_DTYPES, device)
+    tensor("o", o, (3,), FLOAT_DTYPES, device)
+    tensor("attn_logits", attn_logits, (4,), F32, device)
+    for name, t in (("q", q), ("k_buffer", k_buffer), ("v_buffer", v_buffer), ("o", o), ("attn_logits", attn_logits)):
+        last_dim_contiguous(name, t)
+    return device
 
 
 def _shares_storage(k_buffer: Tensor, v_buffer: Tensor, d_v: int) -> bool:
@@ -680,12 +690,7 @@ def decode_attention_fwd_grouped_rope(q: Tensor, k_buffer: Tensor, v_buffer: Ten
                                       backend: Optional[str] = None) -> GroupedRopeCall:
     """SGLang decode, page size 1 (token-level ``kv_indptr``/``kv_indices``), optional RoPE of q
     and of each sequence's last key; partials in ``attn_logits [B, H, splits, lora + 1]``."""
-    tensor("q", q, (3,), Q_DTYPES)
-    device = q.device
-    tensor("k_buffer", k_buffer, (3,), Q_DTYPES, device)
-    tensor("v_buffer", v_buffer, (3,), Q_DTYPES, device)
-    tensor("o", o, (3,), FLOAT_DTYPES, device)
-    tensor("attn_logits", attn_logits, (4,), F32, device)
+    device = _sglang_buffers(q, k_buffer, v_buffer, o, attn_logits)
     batch, heads, dim = q.shape
     kv_lora_rank = integer("kv_lora_rank", kv_lora_rank, 1)
     splits = integer("num_kv_splits", num_kv_splits, 1)
@@ -702,8 +707,6 @@ def decode_attention_fwd_grouped_rope(q: Tensor, k_buffer: Tensor, v_buffer: Ten
                          f"{tuple(attn_logits.shape)}")
     index("kv_indptr", kv_indptr, batch + 1, device)
     index("kv_indices", kv_indices, None, device)
-    for name, t in (("q", q), ("k_buffer", k_buffer), ("v_buffer", v_buffer), ("o", o), ("attn_logits", attn_logits)):
-        last_dim_contiguous(name, t)
     rope = dim - kv_lora_rank
     use_rope = flag("use_rope", use_rope)
     if use_rope:
@@ -742,12 +745,7 @@ def decode_attention_fwd(q: Tensor, k_buffer: Tensor, v_buffer: Tensor, o: Tenso
     ``k_buffer [tokens, Hk, Dk]``, ``v_buffer [tokens, Hk, Dv]`` (GQA; MLA when V is a view of
     K); partials in ``attn_logits [B, H, splits, Dv (+1)]``, split LSEs in its last channel or
     in ``attn_lse [B, H, splits]`` (fp32, required without that channel)."""
-    tensor("q", q, (3,), Q_DTYPES)
-    device = q.device
-    tensor("k_buffer", k_buffer, (3,), Q_DTYPES, device)
-    tensor("v_buffer", v_buffer, (3,), Q_DTYPES, device)
-    tensor("o", o, (3,), FLOAT_DTYPES, device)
-    tensor("attn_logits", attn_logits, (4,), F32, device)
+    device = _sglang_buffers(q, k_buffer, v_buffer, o, attn_logits)
     batch, heads, dim = q.shape
     tokens, kv_heads, k_dim = k_buffer.shape
     d_v = v_buffer.shape[-1]
@@ -778,8 +776,6 @@ def decode_attention_fwd(q: Tensor, k_buffer: Tensor, v_buffer: Tensor, o: Tenso
         raise ValueError(f"req_to_token must be [batch={batch}, max_pages] with contiguous rows, got "
                          f"{tuple(req_to_token.shape)}")
     index("b_seq_len", b_seq_len, batch, device)
-    for name, t in (("q", q), ("k_buffer", k_buffer), ("v_buffer", v_buffer), ("o", o), ("attn_logits", attn_logits)):
-        last_dim_contiguous(name, t)
     # the K row is loaded as a power-of-two tile plus the rest (576 = 512 + 64, 192 = 128 + 64)
     d_nope = 1 << (dim.bit_length() - 1)
     if d_nope == dim and dim >= 32:
