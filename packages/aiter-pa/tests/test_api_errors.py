@@ -152,8 +152,142 @@ def test_ops_registered_with_fake_and_mutates():
 
 def test_registry_entries():
     from aiter_core.registry import explain, specs
+    from aiter_pa.backends import OPS
 
-    for op in ("paged_attention", "kv_cache_write", "copy_blocks"):
+    assert len(OPS) == 13
+    for op in OPS:
         backends = {s.backend for s in specs(op)}
-        assert backends == {"triton", "reference"}, (op, backends)
-    assert "triton" in explain("paged_attention")
+        want = {"torch", "reference"} if op == "pa_swap_blocks" else {"triton", "reference"}
+        assert backends == want, (op, backends)
+        assert all(callable(s.impl) for s in specs(op)), op  # function objects, not "module:attr" strings
+    assert "triton" in explain("paged_attention_decode")
+
+
+# -- a direct torch.ops.aiter.<op> call is validated exactly like the public function -------------------
+
+
+def _bad_calls(op: str):
+    """(public call, direct op call) with the same bad argument, for ``op``."""
+    from aiter_pa.layouts import allocate_kv_cache
+
+    ops = torch.ops.aiter
+    i32 = dict(dtype=torch.int32)
+    kc, vc = allocate_kv_cache(4, 16, 2, 32, torch.float32, "vllm")
+    f8k, f8v = allocate_kv_cache(4, 16, 2, 32, FP8, "vllm")
+    key, slots = torch.randn(5, 2, 32), torch.arange(5)
+    kv = make_paged_kv([40, 9], 2, 32, 16, "vllm_shuffled", KVQuant.NONE, torch.float32, seed=3)
+    nhd = make_paged_kv([40, 9], 2, 32, 16, "NHD", KVQuant.NONE, torch.float32, seed=3)
+    q, out = torch.randn(2, 4, 32), torch.empty(2, 4, 32)
+    es, tmp = torch.empty(2, 4, 3), torch.empty(2, 4, 3, 32)
+    if op == "pa_reshape_and_cache":
+        return (lambda: aiter_pa.reshape_and_cache(key[:, :1], key, kc, vc, slots),
+                lambda: ops.pa_reshape_and_cache(key[:, :1], key, kc, vc, slots, "auto", None, None, False, None))
+    if op == "pa_reshape_and_cache_pertoken":
+        bad = torch.rand(5, 5)
+        return (lambda: aiter_pa.reshape_and_cache_with_pertoken_quant(key, key, f8k, f8v, bad, bad, slots),
+                lambda: ops.pa_reshape_and_cache_pertoken(key, key, f8k, f8v, bad, bad, slots, False, None))
+    if op == "pa_reshape_and_cache_block_quant":
+        bad = torch.zeros(4, 2)
+        return (lambda: aiter_pa.reshape_and_cache_with_block_quant(key, key, f8k, f8v, bad, bad, slots),
+                lambda: ops.pa_reshape_and_cache_block_quant(key, key, f8k, f8v, bad, bad, slots, False, None))
+    if op == "pa_swap_blocks":
+        m = torch.tensor([[0, 7]])
+        return (lambda: aiter_pa.swap_blocks(kc, kc.clone(), m), lambda: ops.pa_swap_blocks(kc, kc.clone(), m))
+    if op == "pa_copy_blocks":
+        m = torch.tensor([[0, 1], [1, 2]])
+        return (lambda: aiter_pa.copy_blocks([kc], [vc], m), lambda: ops.pa_copy_blocks([kc], [vc], m))
+    if op == "paged_attention_decode":
+        bad = q.to(FP8)
+        return (lambda: aiter_pa.paged_attention_decode(out, bad, nhd.key_cache, nhd.value_cache, nhd.context_lens,
+                                                        nhd.block_tables, 0.1, 40, None, None, None,
+                                                        kv_cache_layout="NHD"),
+                lambda: ops.paged_attention_decode(out, bad, nhd.key_cache, nhd.value_cache, nhd.context_lens,
+                                                   nhd.block_tables, 0.1, 40, None, None, 0, None, "NHD", 1, 1, 0.0,
+                                                   0, None, None, None))
+    if op == "paged_attention_rocm":
+        vllm = make_paged_kv([40, 9], 2, 32, 16, "vllm", KVQuant.NONE, torch.float32, seed=3)
+        args = (out, es, es.clone(), tmp, q, vllm.key_cache, vllm.value_cache, 3, 0.1, vllm.block_tables,
+                vllm.context_lens, 16, 40, None, "auto", None, None)
+        return (lambda: aiter_pa.paged_attention_rocm(*args),
+                lambda: ops.paged_attention_rocm(*args, None, 256, 1, None, 1))
+    if op == "paged_attention_v1":
+        ws = torch.empty(8, dtype=torch.uint8)
+        args = (out, ws, q, nhd.key_cache, nhd.value_cache, 0.1, nhd.block_tables, None, nhd.context_lens, 40, None,
+                "auto", "NHD", 0.0, None, None)
+        return (lambda: aiter_pa.paged_attention_v1(*args, partition_size=16),
+                lambda: ops.paged_attention_v1(*args, None, 16, 1, 0, 1))
+    if op == "paged_attention_ragged":
+        ws = torch.empty(1 << 16, dtype=torch.uint8)
+        args = (out, ws, q, nhd.key_cache, nhd.value_cache, 0.1, torch.tensor([0, 2, 3], **i32),
+                torch.tensor([0, 1, 2], **i32), torch.tensor([5], **i32), 16, 1, None, "auto", "NHD", 0.0, None,
+                None)
+        return (lambda: aiter_pa.paged_attention_ragged(*args), lambda: ops.paged_attention_ragged(*args, None, 256, 1, 1))
+    if op == "pa_fwd_asm":
+        return (lambda: aiter_pa.pa_fwd_asm(q, kv.key_cache, kv.value_cache, kv.block_tables, kv.context_lens, 99),
+                lambda: ops.pa_fwd_asm(out, q, kv.key_cache, kv.value_cache, kv.block_tables, kv.context_lens, 99, 1,
+                                       None, None, None, 1))
+    if op == "pa_context_attention_fwd":
+        vllm = make_paged_kv([40, 9], 2, 32, 16, "vllm", KVQuant.NONE, torch.float32, seed=3)
+        k = torch.randn(2, 2, 32)
+        args = (q, k, k, out, "auto", vllm.key_cache, vllm.value_cache, vllm.block_tables,
+                torch.tensor([0, 1], **i32), torch.tensor([41, 10], **i32), 1)
+        return (lambda: aiter_pa.context_attention_fwd(*args),
+                lambda: ops.pa_context_attention_fwd(*args, None, None, None, None, None, False, None, None))
+    if op == "extend_attention_fwd":
+        kb = torch.randn(3, 2, 32)
+        args = (q, kb[:2], kb[:2], out, kb, kb, torch.tensor([0, 2], **i32), torch.zeros(2, **i32),
+                torch.zeros(0, **i32), torch.ones(4, dtype=torch.float32), True, torch.zeros(1, **i32), 2)
+        return (lambda: aiter_pa.extend_attention_fwd(*args),
+                lambda: ops.extend_attention_fwd(*args, None, 0.0, True))
+    if op == "prefill_attention":
+        k = torch.randn(2, 2, 32)
+        args = (q, k, k, out, torch.tensor([0], **i32), torch.tensor([1, 1], **i32), 1)
+        return (lambda: aiter_pa.prefill_attention(*args), lambda: ops.prefill_attention(*args, True))
+    raise AssertionError(f"no bad call for {op}")
+
+
+def _error(fn) -> BaseException:
+    with pytest.raises((TypeError, ValueError)) as info:
+        fn()
+    return info.value
+
+
+@pytest.mark.parametrize("op", __import__("aiter_pa.backends", fromlist=["OPS"]).OPS)
+def test_direct_op_call_validates_like_the_public_function(op):
+    import aiter_pa.ops  # noqa: F401
+
+    public, direct = _bad_calls(op)
+    want, got = _error(public), _error(direct)
+    assert type(got) is type(want) and str(got) == str(want), (op, want, got)
+    assert str(want), op
+
+
+def test_direct_op_call_runs_the_checks_not_a_second_copy():
+    """The eager fast path (aiter_core.ops.Op) and the dispatcher run the same checks function."""
+    from aiter_pa import checks, ops
+
+    for op in ops.OPS:
+        assert op.check is getattr(checks, op.name), op.name
+
+
+def test_launch_config_override(monkeypatch):
+    """AITER_<OP>_CONFIG replaces fields of the op's tile config (aiter_core.configs); other ops and
+    the constexprs the override does not name keep their values."""
+    from aiter_pa import checks
+    from aiter_pa.triton.launch import prepare_launch
+
+    kv = make_paged_kv([20, 9], 2, 32, 16, "HND", KVQuant.NONE, torch.float32, seed=1)
+    q = torch.randn(2, 4, 32)
+    call = checks.paged_attention_decode(torch.empty(2, 4, 32), q, kv.key_cache, kv.value_cache, kv.context_lens,
+                                         kv.block_tables, 0.1, 20, None, None, 0, None, "HND", 1, 1, 0.0, 0, None,
+                                         None, None)
+    base = prepare_launch(call)
+    monkeypatch.setenv("AITER_PAGED_ATTENTION_DECODE_CONFIG", "BLOCK_N=32,num_warps=8")
+    tuned = prepare_launch(call)
+    assert (tuned.constexprs["BLOCK_N"], tuned.num_warps, tuned.num_stages) == (32, 8, base.num_stages)
+    assert {k: v for k, v in tuned.constexprs.items() if k != "BLOCK_N"} == \
+        {k: v for k, v in base.constexprs.items() if k != "BLOCK_N"}
+    assert prepare_launch(call._replace(op="paged_attention_v1")).constexprs["BLOCK_N"] == base.constexprs["BLOCK_N"]
+    monkeypatch.setenv("AITER_PAGED_ATTENTION_DECODE_CONFIG", "block_n=32")
+    with pytest.raises(ValueError, match="unknown field"):
+        prepare_launch(call)

@@ -60,3 +60,4 @@ def test_flex_peer_attends_to_each_sequence_own_blocks():
     out = _flex(kv, q, shape, compile=False)()
     assert out.shape == q.shape
     assert _max_err(out, kv, q) < 1e-4
+

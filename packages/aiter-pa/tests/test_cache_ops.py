@@ -179,7 +179,7 @@ def test_copy_and_swap_blocks():
     aiter_pa.copy_blocks(kcs, vcs, mapping)
     copy_blocks_ref(refs_k, refs_v, mapping)
     # a mapping already on the device is not range-checked on the host: bad pairs copy nothing
-    from aiter_pa.triton.cache import copy_blocks_launch
+    from aiter_pa.triton.launch import copy_blocks_launch
 
     copy_blocks_launch(kcs[0], torch.tensor([[1, 99], [-5, 0]], dtype=torch.int64, device=DEVICE))
     for a, b in zip(kcs + vcs, refs_k + refs_v):

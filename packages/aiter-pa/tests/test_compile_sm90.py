@@ -1,8 +1,9 @@
 """Compile-only tier: cross-compile every kernel configuration aiter-pa launches for sm_90 on the
 CPU and check it fits the H100's shared memory (232448 bytes per block, opt-in).
 
-The decode configurations are exactly what ``prepare_launch`` builds for the GPU (the interpreter
-must be off: nox's compile session does not set TRITON_INTERPRET), from meta tensors.
+The paged-attention configurations are exactly what the public ops launch on the GPU: each is built
+by the op's checks (on meta tensors) and ``prepare_launch`` (the interpreter must be off: nox's
+compile session does not set TRITON_INTERPRET).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1",
 from aiter_core import triton_attn as ta  # noqa: E402
 from aiter_core.quant import KVQuant  # noqa: E402
 from aiter_core.testing import SM90_SMEM_PER_BLOCK, compile_for_sm90, example_signature  # noqa: E402
-from aiter_pa.core import kv_quant_for  # noqa: E402
-from aiter_pa.layouts import allocate_kv_cache, describe_kv_cache  # noqa: E402
+from aiter_pa import checks  # noqa: E402
+from aiter_pa.layouts import allocate_kv_cache  # noqa: E402
 from aiter_pa.triton import cache as tc  # noqa: E402
 from aiter_pa.triton.attention import _paged_attn_kernel  # noqa: E402
 from aiter_pa.triton.launch import prepare_launch  # noqa: E402
@@ -42,13 +43,28 @@ def compile_sm90(fn, args, constexprs, num_warps=4, num_stages=2):
 def _decode_launch(*, layout="HND", quant=KVQuant.NONE, store=None, dtype=torch.bfloat16, hq=32, hkv=8, d=128,
                    bs=16, mtp=1, parts=1, hp=1, prefill=False, alibi=False, softcap=0.0, window=0, dv=None,
                    custom_mask=False):
-    nb = 64
+    """The launch the public op builds for this configuration (its checks run on meta tensors):
+    decode through paged_attention_decode, prefill through pa_context_attention_fwd, extend (page
+    size 1, NHD) through extend_attention_fwd."""
+    nb, B, max_ctx = 64, 4, 4096
+    dv = dv or d
+    rows = B * mtp
+    q = torch.empty(rows, hq, d, dtype=dtype, device=META)
+    out = torch.empty(rows, hq, dv, dtype=dtype, device=META)
+    i32 = dict(dtype=torch.int32, device=META)
+    if prefill and bs == 1:  # extend: a page-size-1 token pool
+        assert layout == "NHD" and quant == KVQuant.NONE
+        buf_k = torch.empty(nb, hkv, d, dtype=dtype, device=META)
+        buf_v = torch.empty(nb, hkv, dv, dtype=dtype, device=META)
+        new_k = torch.empty(rows, hkv, d, dtype=dtype, device=META)
+        new_v = torch.empty(rows, hkv, dv, dtype=dtype, device=META)
+        mask = torch.empty(1 << 20, dtype=torch.bool, device=META) if custom_mask else None
+        call = checks.extend_attention_fwd(q, new_k, new_v, out, buf_k, buf_v, torch.empty(B + 1, **i32),
+                                           torch.empty(B + 1, **i32), torch.empty(nb, **i32), mask, True,
+                                           torch.empty(B, **i32) if custom_mask else None, mtp, None, softcap,
+                                           not custom_mask)
+        return prepare_launch(call)
     kc, vc = allocate_kv_cache(nb, bs, hkv, d, store if quant != KVQuant.NONE else dtype, layout, META, quant)
-    if dv is not None:
-        vc = torch.empty(kc.shape[:3] + (dv,), dtype=kc.dtype, device=META)
-    info = describe_kv_cache(kc, vc, layout if layout in ("NHD", "HND") else None)
-    q = torch.empty(4 * mtp, hq, d, dtype=dtype, device=META)
-    out = torch.empty(4 * mtp, hq, dv or d, dtype=dtype, device=META)
     if quant == KVQuant.NONE:
         ks = vs = None
     elif quant == KVQuant.PER_TENSOR_8BIT:
@@ -57,21 +73,21 @@ def _decode_launch(*, layout="HND", quant=KVQuant.NONE, store=None, dtype=torch.
         ks = vs = torch.empty(hkv, device=META)
     else:
         ks = vs = torch.empty(nb, hkv, bs, device=META)
-    kq, vq, ka, va = kv_quant_for(q, kc, vc, info, ks, vs, "auto" if quant == KVQuant.NONE else "inferred", quant)
-    bt = torch.empty(4, 300, dtype=torch.int32, device=META)
-    ctx = torch.empty(4, dtype=torch.int32, device=META)
-    extra = {}
-    if prefill:
-        extra = dict(new_k=torch.empty(4 * mtp, hkv, d, dtype=dtype, device=META),
-                     new_v=torch.empty(4 * mtp, hkv, dv or d, dtype=dtype, device=META),
-                     qo_indptr=torch.empty(5, dtype=torch.int32, device=META))
-    if custom_mask:
-        extra.update(custom_mask=torch.empty(1 << 20, dtype=torch.uint8, device=META),
-                     mask_indptr=torch.empty(4, dtype=torch.int32, device=META), mask_prefix=True)
-    return prepare_launch(out, q, kc, vc, info, scale=0.1, max_context_len=4096, block_tables=bt, context_lens=ctx,
-                          k_quant=int(kq), v_quant=int(vq), k_scale=ka, v_scale=va, max_qlen=mtp, high_precision=hp,
-                          num_partitions=parts, alibi_slopes=torch.empty(hq, device=META) if alibi else None,
-                          softcap=softcap, sliding_window=window, **extra)
+    bt = torch.empty(B, max(300, -(-max_ctx // bs)), **i32)
+    ctx = torch.empty(B, **i32)
+    layout_arg = layout if layout in ("NHD", "HND") else None
+    if prefill:  # prefix prefill over the cache
+        kv_dtype = "auto" if quant == KVQuant.NONE else "fp8"
+        new_k = torch.empty(rows, hkv, d, dtype=dtype, device=META)
+        new_v = torch.empty(rows, hkv, dv, dtype=dtype, device=META)
+        call = checks.pa_context_attention_fwd(q, new_k, new_v, out, kv_dtype, kc, vc, bt, torch.empty(B + 1, **i32),
+                                               ctx, mtp, ks, vs, torch.empty(hq, device=META) if alibi else None,
+                                               window, None, False, max_ctx, layout_arg)
+        return prepare_launch(call)
+    call = checks.paged_attention_decode(out, q, kc, vc, ctx, bt, 0.1, max_ctx, ks, vs, parts,
+                                         torch.empty(hq, device=META) if alibi else None, layout_arg or "HND", hp,
+                                         mtp, softcap, window, None, None, None)
+    return prepare_launch(call)
 
 
 PT, PH, PTEN, T4 = KVQuant.PER_TOKEN_8BIT, KVQuant.PER_HEAD_8BIT, KVQuant.PER_TENSOR_8BIT, KVQuant.PER_TOKEN_4BIT
@@ -137,9 +153,9 @@ def test_splitk_merge_compiles_for_sm90():
                                                          WRITE_LSE=write_lse))
 
 
-@pytest.mark.parametrize("mode,cache_dtype", [(tc.MODE_CAST, torch.bfloat16), (tc.MODE_PER_TENSOR, FP8),
-                                              (tc.MODE_PER_TOKEN, torch.int8), (tc.MODE_INT4, torch.uint8),
-                                              (tc.MODE_BLOCK, FP8)])
+@pytest.mark.parametrize("mode,cache_dtype", [(checks.MODE_CAST, torch.bfloat16), (checks.MODE_PER_TENSOR, FP8),
+                                              (checks.MODE_PER_TOKEN, torch.int8), (checks.MODE_INT4, torch.uint8),
+                                              (checks.MODE_BLOCK, FP8)])
 def test_cache_write_kernels_compile_for_sm90(mode, cache_dtype):
     src = torch.empty(16, 8, 128, dtype=torch.bfloat16, device=META)
     args = [src, torch.empty(16, dtype=torch.int64, device=META), torch.empty(64, 8, 16, 128, dtype=cache_dtype,
@@ -148,8 +164,8 @@ def test_cache_write_kernels_compile_for_sm90(mode, cache_dtype):
     compile_sm90(tc._cache_write_kernel, args, dict(KV_BLOCK=16, TX=16, CX=128, s_t_hi=0, s_t_lo=1024, s_c_hi=0,
                                                     s_c_lo=1, MODE=mode,
                                                     IS_INT=cache_dtype == torch.int8, BLOCK_H=8,
-                                                    BLOCK_D=64 if mode == tc.MODE_INT4 else 128))
-    if mode == tc.MODE_BLOCK:
+                                                    BLOCK_D=64 if mode == checks.MODE_INT4 else 128))
+    if mode == checks.MODE_BLOCK:
         compile_sm90(tc._block_absmax_kernel, [src, args[1], args[3]] + [1] * 5 + [8, 128, 448.0, 1024],
                      dict(KV_BLOCK=16, BLOCK_H=8, BLOCK_D=128))
         compile_sm90(tc._block_requant_kernel, [args[2], args[3], args[3]] + [1] * 8 + [128, 448.0],

@@ -186,8 +186,7 @@ def test_unused_cache_slots_never_reach_the_output(layout, quant, store):
 def test_64_bit_offsets_give_the_same_result(layout, quant, store):
     """Caches of 2**31 elements or more get int64 address arithmetic (OFFSET_BITS=64); smaller ones
     int32. Both on the same small cache, against the reference."""
-    from aiter_pa.core import kv_quant_for
-    from aiter_pa.layouts import describe_kv_cache
+    from aiter_pa import checks
     from aiter_pa.triton.attention import _paged_attn_kernel
     from aiter_pa.triton.launch import prepare_launch
 
@@ -195,15 +194,13 @@ def test_64_bit_offsets_give_the_same_result(layout, quant, store):
     ctx = [45, 20]
     kv = make_paged_kv(ctx, 2, 32, 16, layout, quant, dtype, store, DEVICE, seed=77)
     q = _query(2, 4, 32, dtype, 77)
-    info = describe_kv_cache(kv.key_cache, kv.value_cache, kv.layout_arg)
-    kq, vq, ks, vs = kv_quant_for(q, kv.key_cache, kv.value_cache, info, kv.k_scale, kv.v_scale,
-                                  "auto" if quant == N else "inferred", quant)
     ref = paged_attention_ref(q.cpu().float(), kv.k_deq, kv.v_deq, kv.block_tables.cpu(), ctx, 0.2)
     for bits in (32, 64):
         out = poison(torch.empty_like(q))
-        launch = prepare_launch(out, q, kv.key_cache, kv.value_cache, info, scale=0.2, max_context_len=max(ctx),
-                                block_tables=kv.block_tables, context_lens=kv.context_lens, k_quant=int(kq),
-                                v_quant=int(vq), k_scale=ks, v_scale=vs, num_partitions=1)
+        call = checks.paged_attention_decode(out, q, kv.key_cache, kv.value_cache, kv.context_lens, kv.block_tables,
+                                             0.2, max(ctx), kv.k_scale, kv.v_scale, 1, None, kv.layout_arg or "HND",
+                                             1, 1, 0.0, 0, None, None, None)
+        launch = prepare_launch(call)
         assert launch.constexprs["OFFSET_BITS"] == 32
         launch.constexprs["OFFSET_BITS"] = bits
         _paged_attn_kernel[launch.grid](*launch.args, **launch.constexprs, num_warps=launch.num_warps,

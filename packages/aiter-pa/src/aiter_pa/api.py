@@ -1,10 +1,10 @@
 """Public functions of aiter-pa with upstream AITER's names and signatures.
 
-Each function checks its arguments (ValueError / TypeError naming the argument), allocates what
-upstream allocates (an output when ``out_`` is None), then calls the ``torch.ops.aiter.*`` op of
-the same name (see :mod:`aiter_pa.ops`), whose body builds a :class:`aiter_pa.core.PagedCall` or a
-cache write and dispatches to a backend. Every function takes a trailing ``backend=`` keyword
-(None = automatic: ``triton``, else ``reference``).
+Each function allocates what upstream allocates (an output when ``out_`` is None) and calls its
+``torch.ops.aiter.*`` op (see :mod:`aiter_pa.ops`); the op validates the arguments
+(:mod:`aiter_pa.checks`: ValueError / TypeError naming the argument), builds the Call and runs it
+on a backend. Every function takes a trailing ``backend=`` keyword (None = automatic: ``triton``,
+else ``reference``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from typing import Optional
 
 import torch
 
+from aiter_core.checks import check_tensor
+
 from . import ops as _ops
-from .core import check_query
+from .checks import workspace_bytes
 
 Tensor = torch.Tensor
 
@@ -38,7 +40,7 @@ def reshape_and_cache(key: Tensor, value: Tensor, key_cache: Tensor, value_cache
     """Write ``key/value [T, Hk, D]`` into the vLLM-layout caches (``asm_layout``: shuffled V) at
     ``slot_mapping`` (negative = skip). 8-bit caches store ``x / k_scale`` (per-tensor ``[1]``
     float32 scales; None means 1). ``kv_cache_layout`` "NHD"/"HND" (extension) accepts 4-D caches."""
-    _ops.reshape_and_cache_op(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale,
+    _ops.pa_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale,
                               asm_layout, kv_cache_layout, backend)
 
 
@@ -46,7 +48,7 @@ def reshape_and_cache_flash(key: Tensor, value: Tensor, key_cache: Tensor, value
                             kv_cache_dtype: str = "auto", k_scale: Optional[Tensor] = None,
                             v_scale: Optional[Tensor] = None, *, backend: Optional[str] = None) -> None:
     """:func:`reshape_and_cache` for NHD ("flash") caches ``[num_blocks, block_size, Hk, D]``."""
-    _ops.reshape_and_cache_op(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale,
+    _ops.pa_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale,
                               False, "NHD", backend)
 
 
@@ -57,7 +59,7 @@ def reshape_and_cache_with_pertoken_quant(key: Tensor, value: Tensor, key_cache:
     """One scale per (token, head): ``absmax / max`` (eps 1e-12), stored ``x / scale``, cache
     dtype fp8 or int8 (or uint8 = packed int4, max 7: an extension). Scales ``[Hk, max_tokens]``
     indexed by slot, or ``[num_blocks, Hk, block_size]`` with ``asm_layout`` (shape decides)."""
-    _ops.reshape_and_cache_pertoken_op(key, value, key_cache, value_cache, k_dequant_scales, v_dequant_scales,
+    _ops.pa_reshape_and_cache_pertoken(key, value, key_cache, value_cache, k_dequant_scales, v_dequant_scales,
                                        slot_mapping, asm_layout, kv_cache_layout, backend)
 
 
@@ -68,14 +70,14 @@ def reshape_and_cache_with_block_quant(key: Tensor, value: Tensor, key_cache: Te
     """One scale per (block, head): ``[Hk, num_blocks]`` (``[num_blocks, Hk]`` with ``asm_layout``),
     0 for an empty block. ``key [B, seq_len, Hk, D]`` (or ``[T, Hk, D]``). A block whose absmax
     grows gets the larger scale and its stored tokens are re-quantized: the scale only grows."""
-    _ops.reshape_and_cache_block_quant_op(key, value, key_cache, value_cache, k_dequant_scales, v_dequant_scales,
+    _ops.pa_reshape_and_cache_block_quant(key, value, key_cache, value_cache, k_dequant_scales, v_dequant_scales,
                                           slot_mapping, asm_layout, kv_cache_layout, backend)
 
 
-def swap_blocks(src: Tensor, dst: Tensor, block_mapping: Tensor) -> None:
+def swap_blocks(src: Tensor, dst: Tensor, block_mapping: Tensor, *, backend: Optional[str] = None) -> None:
     """``dst[d] = src[s]`` for each row ``(s, d)`` of ``block_mapping [n, 2]`` (CPU int64);
     src and dst may be on different devices (swap in/out)."""
-    _ops.swap_blocks_op(src, dst, block_mapping)
+    _ops.pa_swap_blocks(src, dst, block_mapping, backend)
 
 
 def copy_blocks(key_caches: list[Tensor], value_caches: list[Tensor], block_mapping: Tensor, *,
@@ -83,7 +85,7 @@ def copy_blocks(key_caches: list[Tensor], value_caches: list[Tensor], block_mapp
     """``cache[d] = cache[s]`` for every cache of both lists and each row ``(s, d)`` of
     ``block_mapping [n, 2]`` (int64). Destinations must be distinct and no destination may also be
     a source (the copies run in parallel)."""
-    _ops.copy_blocks_op(list(key_caches), list(value_caches), block_mapping, backend)
+    _ops.pa_copy_blocks(list(key_caches), list(value_caches), block_mapping, backend)
 
 
 # -- decode ---------------------------------------------------------------------------------------
@@ -93,8 +95,7 @@ def paged_attention_workspace_size(num_seqs: int, num_heads: int, head_size: int
                                    out_dtype: torch.dtype, mtp: int = 1) -> int:
     """Bytes :func:`paged_attention_v1` / :func:`paged_attention_ragged` need in ``workspace_buffer``
     (upstream's formula): ``n*P*D*elem + 2*n*P*4`` with ``n = num_seqs * mtp * num_heads``."""
-    n = num_seqs * mtp * num_heads
-    return n * max_num_partitions * head_size * torch.empty(0, dtype=out_dtype).element_size() + 2 * n * max_num_partitions * 4
+    return workspace_bytes(num_seqs * mtp, num_heads, max_num_partitions, head_size, out_dtype)
 
 
 def decode_partials(total_q: int, num_heads: int, head_dim_v: int, num_partitions: int,
@@ -121,10 +122,9 @@ def paged_attention_decode(output: Tensor, query: Tensor, key_cache: Tensor, val
     ``workspace`` from :func:`decode_partials` fixes the partition count and avoids allocation."""
     del compute_type
     pm, pmax, psum = workspace if workspace is not None else (None, None, None)
-    _ops.paged_attention_decode_op(output, query, key_cache, value_cache, seq_lens, block_tables, float(attn_scale),
-                                   int(max_seq_len), k_scale, v_scale, int(num_seq_partitions), alibi_slopes,
-                                   kv_cache_layout, int(high_precision), int(mtp), float(logits_soft_cap),
-                                   int(sliding_window), pm, pmax, psum, backend)
+    _ops.paged_attention_decode(output, query, key_cache, value_cache, seq_lens, block_tables, attn_scale, max_seq_len,
+                                k_scale, v_scale, num_seq_partitions, alibi_slopes, kv_cache_layout, high_precision,
+                                mtp, logits_soft_cap, sliding_window, pm, pmax, psum, backend)
 
 
 def paged_attention_rocm(out: Tensor, exp_sums: Tensor, max_logits: Tensor, tmp_out: Tensor, query: Tensor,
@@ -138,14 +138,9 @@ def paged_attention_rocm(out: Tensor, exp_sums: Tensor, max_logits: Tensor, tmp_
     [num_seqs*mtp, Hq, P]`` fp32 and ``tmp_out [num_seqs*mtp, Hq, P, D]`` receive each partition's
     exp-sum, max logit (natural log) and normalised output; ``P >= ceil(max_context_len /
     partition_size)``. Returns ``out``."""
-    if fp8_out_scale is not None:
-        raise ValueError("fp8_out_scale (fp8 output) is not supported; supported: output in the query dtype")
-    if q_scale is not None:
-        raise ValueError("q_scale (fp8 query) is not supported; supported: fp16/bf16/fp32 queries")
-    _ops.paged_attention_rocm_op(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache, int(num_kv_heads),
-                                 float(scale), block_tables, context_lens, int(block_size), int(max_context_len),
-                                 alibi_slopes, kv_cache_dtype, k_scale, v_scale, int(partition_size), int(mtp),
-                                 int(high_precision), backend)
+    _ops.paged_attention_rocm(out, exp_sums, max_logits, tmp_out, query, key_cache, value_cache, num_kv_heads, scale,
+                              block_tables, context_lens, block_size, max_context_len, alibi_slopes, kv_cache_dtype,
+                              k_scale, v_scale, fp8_out_scale, partition_size, mtp, q_scale, high_precision, backend)
     return out
 
 
@@ -158,12 +153,10 @@ def paged_attention_v1(out: Tensor, workspace_buffer: Tensor, query: Tensor, key
     """Decode over HND/NHD caches with soft cap and sliding window (``w > 0``: the last ``w`` keys
     of each query are visible). ``cu_query_lens [num_seqs+1]`` (MTP rows per sequence) or None
     (``mtp`` rows each). ``workspace_buffer`` holds :func:`paged_attention_workspace_size` bytes."""
-    if fp8_out_scale is not None:
-        raise ValueError("fp8_out_scale (fp8 output) is not supported; supported: output in the query dtype")
-    _ops.paged_attention_v1_op(out, workspace_buffer, query, key_cache, value_cache, float(scale), block_tables,
-                               cu_query_lens, context_lens, int(max_context_len), alibi_slopes, kv_cache_dtype,
-                               kv_cache_layout, float(logits_soft_cap), k_scale, v_scale, int(partition_size), int(mtp),
-                               int(sliding_window), int(high_precision), backend)
+    _ops.paged_attention_v1(out, workspace_buffer, query, key_cache, value_cache, scale, block_tables, cu_query_lens,
+                            context_lens, max_context_len, alibi_slopes, kv_cache_dtype, kv_cache_layout,
+                            logits_soft_cap, k_scale, v_scale, fp8_out_scale, partition_size, mtp, sliding_window,
+                            high_precision, backend)
     return out
 
 
@@ -177,12 +170,10 @@ def paged_attention_ragged(out: Tensor, workspace_buffer: Tensor, query: Tensor,
     """Decode with FlashInfer-style page lists: sequence ``s`` owns pages
     ``kv_page_indices[kv_indptr[s]:kv_indptr[s+1]]``, the last holding ``kv_last_page_lens[s]``
     tokens. Context up to ``max_num_partitions * partition_size`` tokens."""
-    if fp8_out_scale is not None:
-        raise ValueError("fp8_out_scale (fp8 output) is not supported; supported: output in the query dtype")
-    _ops.paged_attention_ragged_op(out, workspace_buffer, query, key_cache, value_cache, float(scale), kv_indptr,
-                                   kv_page_indices, kv_last_page_lens, int(block_size), int(max_num_partitions),
-                                   alibi_slopes, kv_cache_dtype, kv_cache_layout, float(logits_soft_cap), k_scale,
-                                   v_scale, int(partition_size), int(mtp), int(high_precision), backend)
+    _ops.paged_attention_ragged(out, workspace_buffer, query, key_cache, value_cache, scale, kv_indptr,
+                                kv_page_indices, kv_last_page_lens, block_size, max_num_partitions, alibi_slopes,
+                                kv_cache_dtype, kv_cache_layout, logits_soft_cap, k_scale, v_scale, fp8_out_scale,
+                                partition_size, mtp, high_precision, backend)
     return out
 
 
@@ -195,13 +186,9 @@ def pa_fwd_asm(Q: Tensor, K: Tensor, V: Tensor, block_tables: Tensor, context_le
     through ``qo_indptr`` + ``max_qlen``, ``high_precision`` 0/1/2 (None = 1). ``kernelName`` is
     accepted and ignored. The context bound is ``block_tables.shape[1] * block_size`` (no sync)."""
     del kernelName
-    if block_tables_stride0 != block_tables.stride(0):
-        raise ValueError(f"block_tables_stride0={block_tables_stride0} but block_tables.stride(0) is "
-                         f"{block_tables.stride(0)}")
-    check_query("Q", Q)
-    out = out_ if out_ is not None else torch.empty_like(Q)
-    _ops.pa_fwd_asm_op(out, Q, K, V, block_tables, context_lens, int(max_qlen), K_QScale, V_QScale, qo_indptr,
-                       1 if high_precision is None else int(high_precision), backend)
+    out = out_ if out_ is not None else torch.empty_like(check_tensor("Q", Q))
+    _ops.pa_fwd_asm(out, Q, K, V, block_tables, context_lens, block_tables_stride0, max_qlen, K_QScale, V_QScale,
+                    qo_indptr, 1 if high_precision is None else high_precision, backend)
     return out
 
 
@@ -232,12 +219,14 @@ def paged_attention_common(Q: Tensor, K: Tensor, V: Tensor, exp_sums: Tensor, ma
     fixed ``1/sqrt(D)``; "HIP" to :func:`paged_attention_rocm` with partition 256, ``scale`` and the
     HIP scales."""
     del kernelName
+    for name, t in (("Q", Q), ("K", K), ("V", V), ("context_lens", context_lens)):
+        check_tensor(name, t)  # the routing below reads their shapes and dtypes
     if kv_cache_tensor_dtype is not None and kv_cache_tensor_dtype != K.dtype:
         K, V = K.view(kv_cache_tensor_dtype), V.view(kv_cache_tensor_dtype)
     out = out_ if out_ is not None else torch.empty_like(Q)
-    check_query("Q", Q)
     num_seqs = context_lens.shape[0]
-    if should_use_asm_kernel(num_seqs, Q.shape[1], Q.shape[2], K.dtype, high_precision):
+    # a Q that is not [rows, heads, head_size] goes to pa_fwd_asm, whose checks name it
+    if Q.dim() != 3 or should_use_asm_kernel(num_seqs, Q.shape[1], Q.shape[2], K.dtype, high_precision):
         return pa_fwd_asm(Q, K, V, block_tables, context_lens, block_tables_stride0, max_qlen, K_QScale_asm,
                           V_QScale_asm, out, qo_indptr, high_precision, backend=backend)
     if qo_indptr is not None and max_qlen > 1:
@@ -268,10 +257,9 @@ def context_attention_fwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, kv_cache_d
     ``b_seq_len - query_len`` cached tokens (vLLM 5-D caches; or NHD/HND with ``kv_cache_layout``)
     and causally to each other. ``max_seq_len`` bounds the context for the block-table check
     (default ``b_loc.shape[1] * block_size``)."""
-    _ops.context_attention_fwd_op(q, k, v, o, kv_cache_dtype, k_cache, v_cache, b_loc, b_start_loc, b_seq_len,
-                                  int(max_input_len), k_scale, v_scale, alibi_slopes,
-                                  int(sliding_window or 0), None if sm_scale is None else float(sm_scale),
-                                  bool(skip_decode), max_seq_len, kv_cache_layout, backend)
+    _ops.pa_context_attention_fwd(q, k, v, o, kv_cache_dtype, k_cache, v_cache, b_loc, b_start_loc, b_seq_len,
+                                  max_input_len, k_scale, v_scale, alibi_slopes, sliding_window, sm_scale, skip_decode,
+                                  max_seq_len, kv_cache_layout, backend)
 
 
 def chunked_prefill_paged_decode(query: Tensor, key: Tensor, value: Tensor, output: Tensor, kv_cache_dtype: str,
@@ -301,14 +289,13 @@ def extend_attention_fwd(q_extend: Tensor, k_extend: Tensor, v_extend: Tensor, o
     ``[extend_len, prefix_len + extend_len]`` row-major flags at ``mask_indptr[s]``; it replaces
     the causal rule and, with ``skip_prefix_custom_mask=False``, also masks the prefix."""
     del config
-    _ops.extend_attention_fwd_op(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, qo_indptr, kv_indptr,
-                                 kv_indices, custom_mask, bool(is_causal), mask_indptr, int(max_len_extend),
-                                 None if sm_scale is None else float(sm_scale), float(logit_cap or 0.0),
-                                 bool(skip_prefix_custom_mask), backend)
+    _ops.extend_attention_fwd(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, qo_indptr, kv_indptr,
+                              kv_indices, custom_mask, is_causal, mask_indptr, max_len_extend, sm_scale,
+                              logit_cap or 0.0, skip_prefix_custom_mask, backend)
 
 
 def prefill_attention(q: Tensor, k: Tensor, v: Tensor, o: Tensor, b_start_loc: Tensor, b_seq_len: Tensor,
                       max_input_len: int, is_causal: bool = True, *, backend: Optional[str] = None) -> None:
     """Upstream ``prefill_attention.context_attention_fwd``: packed ``[total, H, D]`` sequences at
     ``b_start_loc [B]`` of ``b_seq_len [B]`` tokens (packed back to back), scale ``1/sqrt(D)``."""
-    _ops.prefill_attention_op(q, k, v, o, b_start_loc, b_seq_len, int(max_input_len), bool(is_causal), backend)
+    _ops.prefill_attention(q, k, v, o, b_start_loc, b_seq_len, max_input_len, is_causal, backend)

@@ -11,7 +11,8 @@ Paged decode bandwidth on one GPU, everything measured in the same run:
 * ``decode-partitions`` rows: ours with the partition count forced (1 = v1, 2, 4, 8);
 * ``high-precision`` rows: fp8 per-token KV at levels 0/1/2 with their max error against the
   fp32 reference on the dequantized cache;
-* ``--sweep``: tile configs (BLOCK_N x warps x stages) for the headline shapes, best first.
+* ``--sweep``: tile configs (BLOCK_N x warps x stages) for the headline shapes, best first (each
+  through ``AITER_PAGED_ATTENTION_DECODE_CONFIG``, the op's launch-config override).
 
 Bytes per call are counted as ``spec/anchors.md`` says (Q + K and V of every attended token +
 scales + O) by ``aiter_core.bench.decode_bytes``; the ceiling is a device-to-device copy measured
@@ -26,8 +27,10 @@ Without a GPU it runs the family's correctness smoke test instead (timing needs 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 SHAPES = {
@@ -109,35 +112,37 @@ def _nbytes(shape: dict, kv) -> float:
                         kv_bytes=kv_bytes, o_bytes=2, kv_scale_bytes=scale_bytes)
 
 
-def _ours(kv, q, out, *, parts=0, hp=1, config=None, layout="HND"):
+def _ours(kv, q, out, *, parts=0, hp=1):
     from . import api
 
     max_ctx = int(kv.context_lens.max())  # read once here: a host sync inside graph capture would fail
-    if config is None:
-        ws = None
-        if parts and parts > 1:
-            ws = api.decode_partials(q.shape[0], q.shape[1], q.shape[2], parts, device=q.device)
-
-        def fn():
-            api.paged_attention_decode(out, q, kv.key_cache, kv.value_cache, kv.context_lens, kv.block_tables,
-                                       q.shape[2] ** -0.5, max_ctx, None, kv.k_scale, kv.v_scale,
-                                       parts, kv_cache_layout=kv.layout_arg or "HND", high_precision=hp, workspace=ws)
-        return fn
-    # a forced tile config goes straight to the launcher (the public API picks its own)
-    from .core import kv_quant_for
-    from .layouts import describe_kv_cache
-    from .triton.launch import paged_attention_fwd
-
-    info = describe_kv_cache(kv.key_cache, kv.value_cache, kv.layout_arg)
-    kq, vq, ka, va = kv_quant_for(q, kv.key_cache, kv.value_cache, info, kv.k_scale, kv.v_scale, "inferred"
-                                  if kv.key_cache.element_size() == 1 else "auto")
+    ws = None
+    if parts and parts > 1:
+        ws = api.decode_partials(q.shape[0], q.shape[1], q.shape[2], parts, device=q.device)
 
     def fn():
-        paged_attention_fwd(out, q, kv.key_cache, kv.value_cache, info, scale=q.shape[2] ** -0.5,
-                            max_context_len=max_ctx, block_tables=kv.block_tables, context_lens=kv.context_lens,
-                            k_quant=int(kq), v_quant=int(vq), k_scale=ka, v_scale=va, high_precision=hp,
-                            num_partitions=parts or None, config=config)
+        api.paged_attention_decode(out, q, kv.key_cache, kv.value_cache, kv.context_lens, kv.block_tables,
+                                   q.shape[2] ** -0.5, max_ctx, None, kv.k_scale, kv.v_scale,
+                                   parts, kv_cache_layout=kv.layout_arg or "HND", high_precision=hp, workspace=ws)
     return fn
+
+
+@contextmanager
+def tile_config(config):
+    """``AITER_PAGED_ATTENTION_DECODE_CONFIG`` set to ``config`` (a launch ``KernelConfig``) inside
+    the block: the public decode then launches with that tile config (the sweep's seam)."""
+    from aiter_core.configs import variable
+
+    name = variable("paged_attention_decode")
+    before = os.environ.get(name)
+    os.environ[name] = ",".join(f"{k}={v}" for k, v in config._asdict().items())
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def _contiguous_kv(kv, shape):
@@ -285,10 +290,10 @@ def run_bench(args) -> int:
             for bn in (32, 64, 128):
                 for warps in (4, 8):
                     for stages in (2, 3, 4):
-                        cfg = KernelConfig(bn, warps, stages)
                         o = torch.empty_like(q)
                         try:
-                            ms = _graph_ms(_ours(kv, q, o, config=cfg))
+                            with tile_config(KernelConfig(bn, warps, stages)):
+                                ms = _graph_ms(_ours(kv, q, o))
                             run.add("sweep", f"aiter bn{bn} w{warps} s{stages}", ms, nbytes=nbytes, **params)
                         except Exception as exc:
                             run.add("sweep", f"aiter bn{bn} w{warps} s{stages}", None, **params,

@@ -29,7 +29,8 @@ Conventions shared by every op of the package:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 
@@ -43,6 +44,7 @@ __all__ = [
     "normalize_layout",
     "vector_width",
     "describe_kv_cache",
+    "describe_geometry",
     "allocate_kv_cache",
     "kv_cache_shapes",
     "to_nhd",
@@ -70,8 +72,7 @@ def vector_width(dtype: torch.dtype) -> int:
     return max(1, 16 // dtype.itemsize)
 
 
-@dataclass(frozen=True)
-class Addressing:
+class Addressing(NamedTuple):
     """Address parameters of one cache tensor (see aiter_core.triton_attn's docstring)."""
 
     s_blk: int
@@ -84,8 +85,7 @@ class Addressing:
     s_c_lo: int
 
 
-@dataclass(frozen=True)
-class PagedKV:
+class PagedKV(NamedTuple):
     layout: str
     num_blocks: int
     block_size: int
@@ -94,12 +94,21 @@ class PagedKV:
     k: Addressing
     v: Addressing
     v_cols: int | None = None  # V's storage columns when they differ from K's (NHD/HND only)
+    # the largest element offset from either cache's data pointer (-1 for empty caches): under
+    # 2**31 the kernels address both with int32 arithmetic
+    max_offset: int = -1
 
 
-def _nhd_like(t: torch.Tensor, layout: str) -> Addressing:
+def _nhd_like(shape, stride, layout: str) -> Addressing:
     if layout == "NHD":  # [nb, bs, H, C]
-        return Addressing(t.stride(0), t.stride(2), t.shape[1], 0, t.stride(1), t.shape[3], 0, t.stride(3))
-    return Addressing(t.stride(0), t.stride(1), t.shape[2], 0, t.stride(2), t.shape[3], 0, t.stride(3))  # HND
+        return Addressing(stride[0], stride[2], shape[1], 0, stride[1], shape[3], 0, stride[3])
+    return Addressing(stride[0], stride[1], shape[2], 0, stride[2], shape[3], 0, stride[3])  # HND
+
+
+def _max_offset(shape, stride) -> int:
+    if 0 in shape:
+        return -1
+    return sum((size - 1) * st for size, st in zip(shape, stride))
 
 
 def describe_kv_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, layout: str | None = None) -> PagedKV:
@@ -107,49 +116,57 @@ def describe_kv_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, layout
 
     A 5-D key cache is the vLLM layout (the value cache's rank tells plain from shuffled V);
     4-D caches need ``layout`` "NHD" or "HND" (default "HND", as upstream's Triton decode).
+    The result depends on the shapes and strides only and is cached per geometry
+    (:func:`describe_geometry`).
     """
     if not isinstance(key_cache, torch.Tensor) or not isinstance(value_cache, torch.Tensor):
         raise TypeError("key_cache and value_cache must be tensors")
-    if key_cache.dim() == 5:
-        nb, H, cx_groups, bs, x = key_cache.shape
+    return describe_geometry(key_cache.shape, key_cache.stride(), value_cache.shape, value_cache.stride(), layout)
+
+
+@lru_cache(maxsize=256)
+def describe_geometry(kshape: tuple, kstride: tuple, vshape: tuple, vstride: tuple, layout: str | None) -> PagedKV:
+    """:func:`describe_kv_cache` from the caches' shapes and strides (cached: a serving process
+    has a handful of cache geometries, and a decode call pays a dict lookup instead of building
+    the addressing again)."""
+    max_offset = max(_max_offset(kshape, kstride), _max_offset(vshape, vstride))
+    if len(kshape) == 5:
+        nb, H, cx_groups, bs, x = kshape
         C = cx_groups * x
-        if value_cache.dim() == 4:
-            if tuple(value_cache.shape) != (nb, H, C, bs):
+        if len(vshape) == 4:
+            if tuple(vshape) != (nb, H, C, bs):
                 raise ValueError(f"value_cache for the vllm layout must be [num_blocks, Hk, head_dim, block_size] = "
-                                 f"{(nb, H, C, bs)}, got {tuple(value_cache.shape)}")
+                                 f"{(nb, H, C, bs)}, got {tuple(vshape)}")
             name = "vllm"
-            v = Addressing(value_cache.stride(0), value_cache.stride(1), bs, 0, value_cache.stride(3), C, 0,
-                           value_cache.stride(2))
-        elif value_cache.dim() == 5:
-            vx = value_cache.shape[4]
-            if vx == 0 or bs % vx or tuple(value_cache.shape) != (nb, H, bs // vx, C, vx):
+            v = Addressing(vstride[0], vstride[1], bs, 0, vstride[3], C, 0, vstride[2])
+        elif len(vshape) == 5:
+            vx = vshape[4]
+            if vx == 0 or bs % vx or tuple(vshape) != (nb, H, bs // vx, C, vx):
                 raise ValueError(f"shuffled value_cache must be [num_blocks, Hk, block_size/x, head_dim, x] with x="
-                                 f"{x} -> {(nb, H, bs // x if x else 0, C, x)}, got {tuple(value_cache.shape)}")
+                                 f"{x} -> {(nb, H, bs // x if x else 0, C, x)}, got {tuple(vshape)}")
             name = "vllm_shuffled"
-            v = Addressing(value_cache.stride(0), value_cache.stride(1), vx, value_cache.stride(2),
-                           value_cache.stride(4), C, 0, value_cache.stride(3))
+            v = Addressing(vstride[0], vstride[1], vx, vstride[2], vstride[4], C, 0, vstride[3])
         else:
-            raise ValueError(f"value_cache must be 4-D or 5-D with a 5-D key_cache, got {value_cache.dim()}-D")
+            raise ValueError(f"value_cache must be 4-D or 5-D with a 5-D key_cache, got {len(vshape)}-D")
         if layout is not None and normalize_layout(layout) != name:
             raise ValueError(f"kv_cache_layout={layout!r} does not match 5-D caches (layout {name!r})")
-        k = Addressing(key_cache.stride(0), key_cache.stride(1), bs, 0, key_cache.stride(3), x, key_cache.stride(2),
-                       key_cache.stride(4))
-        return PagedKV(name, nb, bs, H, C, k, v)
-    if key_cache.dim() != 4:
-        raise ValueError(f"key_cache must be 4-D (NHD/HND) or 5-D (vllm), got shape {tuple(key_cache.shape)}")
+        k = Addressing(kstride[0], kstride[1], bs, 0, kstride[3], x, kstride[2], kstride[4])
+        return PagedKV(name, nb, bs, H, C, k, v, None, max_offset)
+    if len(kshape) != 4:
+        raise ValueError(f"key_cache must be 4-D (NHD/HND) or 5-D (vllm), got shape {tuple(kshape)}")
     name = normalize_layout(layout or "HND")
     if name not in ("NHD", "HND"):
         raise ValueError(f"4-D caches are NHD or HND, got layout {layout!r}")
-    if value_cache.dim() != 4 or tuple(value_cache.shape[:3]) != tuple(key_cache.shape[:3]):
-        raise ValueError(f"value_cache must have the key_cache's shape {tuple(key_cache.shape)} in layout {name} "
-                         f"(the head dim may differ), got {tuple(value_cache.shape)}")
+    if len(vshape) != 4 or tuple(vshape[:3]) != tuple(kshape[:3]):
+        raise ValueError(f"value_cache must have the key_cache's shape {tuple(kshape)} in layout {name} "
+                         f"(the head dim may differ), got {tuple(vshape)}")
     if name == "NHD":
-        nb, bs, H, C = key_cache.shape
+        nb, bs, H, C = kshape
     else:
-        nb, H, bs, C = key_cache.shape
-    v_cols = value_cache.shape[3]
-    return PagedKV(name, nb, bs, H, C, _nhd_like(key_cache, name), _nhd_like(value_cache, name),
-                   v_cols if v_cols != C else None)
+        nb, H, bs, C = kshape
+    v_cols = vshape[3]
+    return PagedKV(name, nb, bs, H, C, _nhd_like(kshape, kstride, name), _nhd_like(vshape, vstride, name),
+                   v_cols if v_cols != C else None, max_offset)
 
 
 def kv_cache_shapes(num_blocks: int, block_size: int, num_kv_heads: int, cols: int, dtype: torch.dtype,
@@ -236,8 +253,7 @@ def asm_V_shuffle(value_cache: torch.Tensor) -> torch.Tensor:  # noqa: N802 (ups
     return value_cache.reshape(nb, H, D, bs // x, x).permute(0, 1, 3, 2, 4).contiguous()
 
 
-@dataclass(frozen=True)
-class ScaleAddressing:
+class ScaleAddressing(NamedTuple):
     tensor: torch.Tensor
     s_blk: int
     s_head: int

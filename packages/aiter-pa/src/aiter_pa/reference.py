@@ -25,6 +25,8 @@ __all__ = [
     "copy_blocks_ref",
     "swap_blocks_ref",
     "attention_rows_ref",
+    "paged_attention_call_ref",
+    "kv_cache_write_call_ref",
 ]
 
 
@@ -269,3 +271,137 @@ def copy_blocks_ref(key_caches, value_caches, block_mapping) -> None:
 def swap_blocks_ref(src, dst, block_mapping) -> None:
     for s, d in block_mapping.to("cpu").long().tolist():
         dst[d] = src[s].to(dst.device)
+
+
+# -- the reference backend: a validated Call (aiter_pa.checks) on the references above -------------
+
+
+def paged_attention_call_ref(call) -> None:
+    """Run a :class:`aiter_pa.checks.PagedCall` on the PyTorch reference, writing ``call.out``."""
+    quant = call.key.kv_quant
+    kd, vd = dequantize_cache(call.key_cache, call.value_cache, call.info.layout, quant, quant,
+                              call.k_scale.tensor if call.k_scale is not None else None,
+                              call.v_scale.tensor if call.v_scale is not None else None)
+    nb, bs = kd.shape[0], kd.shape[1]
+    S = call.num_seqs
+    if call.qo_indptr is not None:
+        qo = call.qo_indptr.tolist()
+        starts = qo[:-1]
+        lens = [min(qo[i + 1] - qo[i], call.max_qlen) for i in range(S)]
+    else:
+        starts = [i * call.max_qlen for i in range(S)]
+        lens = [call.max_qlen] * S
+    for s in range(S):
+        if call.kv_indptr is not None:
+            a, b = int(call.kv_indptr[s]), int(call.kv_indptr[s + 1])
+            pages = call.block_tables[a:b].long().cpu()
+            if call.token_lists:
+                ctx = b - a
+            else:
+                ctx = (b - a - 1) * bs + int(call.kv_last_page_lens[s]) if b > a else 0
+        else:
+            pages = call.block_tables[s].long().cpu()
+            ctx = min(int(call.context_lens[s]), call.max_context_len)
+        qlen, q0 = lens[s], starts[s]
+        if qlen <= 0 or (call.skip_decode and qlen == 1):
+            continue
+        t = torch.arange(ctx)
+        logical = t // bs
+        blk = torch.full_like(t, -1)
+        inside = logical < pages.numel()
+        blk[inside] = pages[logical[inside]]
+        ok = (blk >= 0) & (blk < nb)
+        blk = blk.clamp(0, nb - 1)
+        k, v = kd[blk.to(kd.device), (t % bs).to(kd.device)], vd[blk.to(kd.device), (t % bs).to(kd.device)]
+        kpos = t.to(kd.device)
+        ok = ok.to(kd.device)
+        if call.new_k is not None:
+            k = torch.cat([k, call.new_k[q0:q0 + qlen].float()])
+            v = torch.cat([v, call.new_v[q0:q0 + qlen].float()])
+            kpos = torch.cat([kpos, ctx + torch.arange(qlen, device=kd.device)])
+            ok = torch.cat([ok, torch.ones(qlen, dtype=torch.bool, device=kd.device)])
+            qpos = ctx + torch.arange(qlen, device=kd.device)
+            causal = call.new_causal
+        else:
+            qpos = ctx - qlen + torch.arange(qlen, device=kd.device)
+            causal = True
+        extra = None
+        if call.custom_mask is not None:
+            m0 = int(call.mask_indptr[s])
+            flags = call.custom_mask[m0:m0 + qlen * (ctx + qlen)].reshape(qlen, ctx + qlen).bool().to(kd.device)
+            if not call.mask_prefix:
+                flags[:, :ctx] = True
+            extra, causal = flags, False  # the custom mask replaces the causal rule
+        o, _ = attention_rows_ref(call.query[q0:q0 + qlen], k, v, qpos, kpos, ok, call.scale, causal=causal,
+                                  alibi_slopes=call.alibi_slopes, softcap=call.softcap,
+                                  sliding_window=call.sliding_window, extra_mask=extra, dtype=torch.float32)
+        call.out[q0:q0 + qlen] = o.to(call.out.dtype)
+
+
+def kv_cache_write_call_ref(call) -> None:
+    """Run a :class:`aiter_pa.checks.CacheWrite` on the PyTorch reference (both caches)."""
+    info = call.info
+    _write_cache_ref(call.key_rows, call.key_cache, call.slot_mapping, info.k, info.block_size, info.num_blocks,
+                     call.mode, call.k_scale, call.k_scale_strides)
+    _write_cache_ref(call.value_rows, call.value_cache, call.slot_mapping, info.v, info.block_size, info.num_blocks,
+                     call.mode, call.v_scale, call.v_scale_strides)
+
+
+def _write_cache_ref(src, cache, slot_mapping, a, bs: int, num_blocks: int, mode: int, scale, scale_strides) -> None:
+    """One cache's write, addressing the cache through the same formula as the kernels, element by
+    element (slow, exact)."""
+    from .checks import MODE_CAST, MODE_INT4, MODE_PER_TENSOR, MODE_PER_TOKEN
+
+    keep = (slot_mapping.reshape(-1) >= 0) & (slot_mapping.reshape(-1) < num_blocks * bs)
+    src = src.reshape(-1, src.shape[-2], src.shape[-1])
+    slots = slot_mapping.reshape(-1)[keep].long().cpu()
+    rows = src[keep.to(src.device)].float()
+    H = rows.shape[1]
+    flat = cache.view(-1) if cache.is_contiguous() else None
+    if flat is None:
+        raise ValueError("the reference cache writer needs contiguous caches")
+
+    def offsets(blocks, offs, cols):
+        tok = blocks * a.s_blk + (offs // a.TX) * a.s_t_hi + (offs % a.TX) * a.s_t_lo  # [n]
+        col = (cols // a.CX) * a.s_c_hi + (cols % a.CX) * a.s_c_lo  # [c]
+        return tok[:, None, None] + torch.arange(H)[None, :, None] * a.s_head + col[None, None, :]
+
+    blocks, offs = slots // bs, slots % bs
+    s0, s1, s2 = scale_strides
+    if mode == MODE_INT4:
+        qmax = 7.0
+        sc = rows.abs().amax(-1).clamp_min(1e-12) / qmax
+        qv = torch.floor(rows / sc[..., None] + 0.5).clamp(-8, 7).to(torch.int16) & 0xF
+        stored = (qv[..., 0::2] | (qv[..., 1::2] << 4)).to(torch.uint8)
+        flat[offsets(blocks, offs, torch.arange(stored.shape[-1])).to(flat.device)] = stored.to(flat.device)
+        idx = blocks[:, None] * s0 + torch.arange(H)[None, :] * s1 + offs[:, None] * s2
+        torch.as_strided(scale, (scale.numel(),), (1,))[idx.to(scale.device)] = sc.to(scale.device)
+        return
+    cols = torch.arange(rows.shape[-1])
+    if mode == MODE_CAST:
+        flat[offsets(blocks, offs, cols).to(flat.device)] = src[keep.to(src.device)].to(flat.dtype)
+        return
+    if mode == MODE_PER_TENSOR:
+        stored = _quantize_per_tensor(rows, scale, cache.dtype)
+    elif mode == MODE_PER_TOKEN:
+        sc = rows.abs().amax(-1).clamp_min(1e-12) / dtype_max(cache.dtype)
+        stored = _quantize_per_tensor(rows / sc[..., None], 1.0, cache.dtype)
+        idx = blocks[:, None] * s0 + torch.arange(H)[None, :] * s1 + offs[:, None] * s2
+        torch.as_strided(scale, (scale.numel(),), (1,))[idx.to(scale.device)] = sc.to(scale.device)
+    else:  # MODE_BLOCK: grow the scales, re-quantize grown blocks, write
+        qmax = dtype_max(cache.dtype)
+        scales = torch.as_strided(scale, (num_blocks, H), (s0, s1))
+        old = scales.clone()
+        new = old.clone()
+        row_max = rows.abs().amax(-1) / qmax
+        for i in range(slots.numel()):
+            new[blocks[i]] = torch.maximum(new[blocks[i]], row_max[i].to(new.device))
+        grown = new > old
+        for b in torch.nonzero(grown.any(1)).flatten().tolist():
+            for h in range(H):
+                if grown[b, h]:
+                    o = offsets(torch.full((bs,), b), torch.arange(bs), cols)[:, h, :].to(flat.device)
+                    flat[o] = _quantize_per_tensor(flat[o].float() * (old[b, h] / new[b, h]), 1.0, flat.dtype)
+        scales.copy_(new)
+        stored = _quantize_per_tensor(rows / new[blocks.to(new.device)][..., None].to(rows.device), 1.0, cache.dtype)
+    flat[offsets(blocks, offs, cols).to(flat.device)] = stored.to(flat.device)

@@ -43,7 +43,7 @@ def run() -> str:
     kv = make_paged_kv(ctx, 2, 64, 16, "vllm_shuffled", KVQuant.PER_TOKEN_8BIT, dtype, torch.float8_e4m3fn, device)
     q = torch.randn(4, 8, 64, generator=g).to(dtype).to(device)
     out = poison(torch.empty(4, 8, 64, dtype=dtype, device=device))
-    problem_backend = select("paged_attention", None).backend
+    problem_backend = select("paged_attention_decode", None).backend
     api.paged_attention_decode(out, q, kv.key_cache, kv.value_cache, kv.context_lens, kv.block_tables, 0.125,
                                max(ctx), None, kv.k_scale, kv.v_scale, 2, mtp=2)
     ref = paged_attention_ref(q.float().cpu(), kv.k_deq, kv.v_deq, kv.block_tables.cpu(), ctx, 0.125, q_lens=[2, 2])

@@ -1,5 +1,7 @@
-"""Triton KV-cache writes: plain, per-tensor, per-token (8-bit and int4) and per-block quantized,
-plus block copies. One program per token writes all its heads; a negative slot writes nothing.
+"""Triton KV-cache write kernels: plain, per-tensor, per-token (8-bit and int4) and per-block
+quantized, plus block copies. One program per token writes all its heads; a negative slot writes
+nothing. ``MODE`` is one of :mod:`aiter_pa.checks`' ``MODE_*``; the launches are in
+:mod:`aiter_pa.triton.launch`.
 
 Rounding: int8/int4 use round-half-up (``floor(y + 0.5)``) after an IEEE division
 (``div_rn``), fp8 rounds to nearest even in the cast (``cvt.rn.satfinite`` on sm_90, the same
@@ -10,15 +12,10 @@ two roundings, as in the PyTorch reference, not one fma: the stored bytes match 
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from aiter_core import triton_attn as ta
-
-from ..layouts import Addressing
-
-MODE_CAST, MODE_PER_TENSOR, MODE_PER_TOKEN, MODE_INT4, MODE_BLOCK = 0, 1, 2, 3, 4
 
 
 @triton.jit
@@ -138,67 +135,3 @@ def _copy_blocks_kernel(cache_ptr, map_ptr, block_numel, num_blocks, BLOCK: tl.c
     dst = tl.minimum(tl.maximum(dst, 0), num_blocks - 1)
     x = tl.load(cache_ptr + src * block_numel + offs, mask=m)
     tl.store(cache_ptr + dst * block_numel + offs, x, mask=m)
-
-
-def _pow2(n: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(max(n, 1)))
-
-
-def _qmax(dtype: torch.dtype) -> float:
-    if dtype == torch.int8:
-        return 127.0
-    if dtype.is_floating_point and dtype.itemsize == 1:
-        return float(torch.finfo(dtype).max)
-    return 0.0
-
-
-def write_cache(src: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor, addr: Addressing, block_size: int,
-                mode: int, scale: torch.Tensor | None = None, scale_strides: tuple[int, int, int] = (0, 0, 0),
-                num_blocks: int | None = None) -> None:
-    """``src [T, H, D]`` -> ``cache`` rows at ``slot_mapping``; slots outside
-    ``[0, num_blocks * block_size)`` are skipped."""
-    num_slots = (num_blocks if num_blocks is not None else cache.shape[0]) * block_size
-    T, H, D = src.shape
-    if T == 0:
-        return
-    block_d = _pow2(D // 2 if mode == MODE_INT4 else D, 2)
-    qmax = 7.0 if mode == MODE_INT4 else _qmax(cache.dtype)
-    _cache_write_kernel[(T,)](
-        src, slot_mapping, cache, scale if scale is not None else src,
-        src.stride(0), src.stride(1), src.stride(2),
-        addr.s_blk, addr.s_head,
-        *scale_strides, H, D, qmax, num_slots,
-        KV_BLOCK=block_size, TX=addr.TX, CX=addr.CX, s_t_hi=addr.s_t_hi, s_t_lo=addr.s_t_lo, s_c_hi=addr.s_c_hi,
-        s_c_lo=addr.s_c_lo, MODE=mode, IS_INT=cache.dtype == torch.int8,
-        BLOCK_H=_pow2(H), BLOCK_D=block_d, num_warps=4, enable_fp_fusion=False,
-    )
-
-
-def block_quant_write(src: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor, addr: Addressing,
-                      block_size: int, num_blocks: int, scales: torch.Tensor, s_sblk: int, s_shead: int) -> None:
-    """Grow the per-(block, head) scales, re-quantize grown blocks, then write the new tokens."""
-    T, H, D = src.shape
-    if T == 0:
-        return
-    qmax = _qmax(cache.dtype)
-    old = scales.clone()  # scales is updated in place; the re-quantization needs the old values
-    _block_absmax_kernel[(T,)](src, slot_mapping, scales, src.stride(0), src.stride(1), src.stride(2), s_sblk, s_shead,
-                               H, D, qmax, num_blocks * block_size, KV_BLOCK=block_size, BLOCK_H=_pow2(H),
-                               BLOCK_D=_pow2(D, 2), enable_fp_fusion=False)
-    _block_requant_kernel[(num_blocks, H)](
-        cache, old, scales, s_sblk, s_shead, addr.s_blk, addr.s_head, addr.s_t_hi, addr.s_t_lo, addr.s_c_hi,
-        addr.s_c_lo, D, qmax, KV_BLOCK=block_size, TX=addr.TX, CX=addr.CX, IS_INT=cache.dtype == torch.int8,
-        BLOCK_T=min(16, _pow2(block_size)), BLOCK_D=_pow2(D, 2), enable_fp_fusion=False)
-    write_cache(src, slot_mapping, cache, addr, block_size, MODE_BLOCK, scales, (s_sblk, s_shead, 0), num_blocks)
-
-
-def copy_blocks_launch(cache: torch.Tensor, block_mapping: torch.Tensor) -> None:
-    """``cache[dst] = cache[src]`` for each row of ``block_mapping [n, 2]`` (int64, cache's device).
-    Destinations must be distinct and not also sources (checked by the API)."""
-    n = block_mapping.shape[0]
-    if n == 0:
-        return
-    block_numel = cache[0].numel()
-    BLOCK = 1024
-    _copy_blocks_kernel[(n, triton.cdiv(block_numel, BLOCK))](cache, block_mapping, block_numel, cache.shape[0],
-                                                               BLOCK=BLOCK)
