@@ -61,3 +61,43 @@ def test_flex_peer_attends_to_each_sequence_own_blocks():
     assert out.shape == q.shape
     assert _max_err(out, kv, q) < 1e-4
 
+
+# public functions that launch no work (sizes, buffers, a routing rule)
+NO_LAUNCH = {"paged_attention_workspace_size", "decode_partials", "should_use_asm_kernel"}
+
+
+def test_host_cases_cover_every_public_op_and_run_on_cpu():
+    """``aiter bench host``'s cases: one per public function that launches work, in ``api.__all__``
+    order; each runs once here (interpreter, fp16) without error."""
+    from aiter_core.host import HostCase
+    from aiter_pa import api
+    from aiter_pa.bench import host_cases
+
+    cases = host_cases("cpu")
+    assert all(isinstance(c, HostCase) and c.like in ("decode", "prefill") for c in cases)
+    assert [c.op for c in cases] == [name for name in api.__all__ if name not in NO_LAUNCH]
+    for case in cases:
+        case.call()
+
+
+def test_warmup_cases_cover_the_default_specialisations():
+    from aiter_core.host import HostCase
+    from aiter_pa.bench import warmup_cases
+
+    cases = warmup_cases("cpu")
+    assert all(isinstance(c, HostCase) for c in cases)
+    names = [c.op for c in cases]
+    for dtype in ("bfloat16", "float16"):
+        for d in (64, 128):
+            tag = f"{dtype} d{d}"
+            for form in ("none", "none, split", "per_tensor_8bit", "per_token_8bit"):
+                assert f"paged_attention_decode ({tag}, {form})" in names
+            assert f"context_attention_fwd ({tag})" in names and f"reshape_and_cache fp8 ({tag})" in names
+    # one of each kind runs here (fp16: the interpreter has no bf16)
+    seen = set()
+    for case in cases:
+        kind = case.op.split(" (")[0] + ("-fp8" if "8bit" in case.op or "fp8" in case.op else "")
+        if "float16 d64" in case.op and "bfloat16" not in case.op and kind not in seen:
+            seen.add(kind)
+            case.call()
+    assert len(seen) >= 6

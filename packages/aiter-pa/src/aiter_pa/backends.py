@@ -143,4 +143,4 @@ def backend_specs() -> list[BackendSpec]:
 
 
 family = Family(name="pa", distribution="aiter-pa", smoke="aiter_pa.smoke:run", bench="aiter_pa.bench:main",
-                ops=OPS)
+                host="aiter_pa.bench:host_cases", warmup="aiter_pa.bench:warmup_cases", ops=OPS)

@@ -318,6 +318,172 @@ def run_bench(args) -> int:
     return 1 if failures else 0
 
 
+# -- host cost and warmup (aiter bench host, aiter warmup) -----------------------------------------
+
+
+def _host_dtype(device: str):
+    import torch
+
+    # the interpreter has no bf16 arithmetic: CPU cases run in fp16
+    return torch.float16 if str(device).startswith("cpu") else torch.bfloat16
+
+
+def host_cases(device: str = "cuda") -> list:
+    """One eager call of every public function that launches work, at a tiny shape (a few us of
+    GPU work: the loop timing it is bound by the host), inputs and outputs made here once.
+    ``aiter bench host`` times them next to torch SDPA; the CPU test runs each once under the
+    interpreter (fp16)."""
+    import torch
+
+    from aiter_core.host import HostCase
+    from aiter_core.quant import KVQuant
+
+    from . import api
+    from .layouts import allocate_kv_cache
+    from .testing import make_paged_kv
+
+    dt = _host_dtype(device)
+    fp8 = torch.float8_e4m3fn
+    S, hq, hkv, d, bs, ctx = 2, 8, 2, 64, 16, [30, 17]
+    i32 = dict(dtype=torch.int32, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, dtype=dt):
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+    hnd = make_paged_kv(ctx, hkv, d, bs, "HND", KVQuant.NONE, dt, device=device, pad_entries=False)
+    nhd = make_paged_kv(ctx, hkv, d, bs, "NHD", KVQuant.NONE, dt, device=device, pad_entries=False)
+    vllm = make_paged_kv(ctx, hkv, d, bs, "vllm", KVQuant.NONE, dt, device=device, pad_entries=False)
+    asm = make_paged_kv(ctx, hkv, d, bs, "vllm_shuffled", KVQuant.NONE, dt, device=device, pad_entries=False)
+    max_ctx = max(ctx)
+    q, out = rand(S, hq, d), torch.empty(S, hq, d, dtype=dt, device=device)
+    # cache writes: one new token per sequence, into a cache of its own
+    key, value = rand(S, hkv, d), rand(S, hkv, d)
+    slots = torch.tensor([5, 40], dtype=torch.int64, device=device)
+    wk, wv = allocate_kv_cache(4, bs, hkv, d, dt, "vllm", device)
+    fk, fv = allocate_kv_cache(4, bs, hkv, d, dt, "NHD", device)
+    qk, qv = allocate_kv_cache(4, bs, hkv, d, fp8, "vllm", device)
+    tok_scales = [torch.ones(hkv, 4 * bs, device=device) for _ in range(2)]
+    blk_scales = [torch.zeros(hkv, 4, device=device) for _ in range(2)]
+    swap_src = allocate_kv_cache(4, bs, hkv, d, dt, "NHD", device)[0]
+    swap_dst = torch.zeros(4, bs, hkv, d, dtype=dt, device="cpu")
+    swap_map = torch.tensor([[0, 1]])
+    copy_map = torch.tensor([[0, 3]], device=device)
+    # decode front ends' buffers
+    P = -(-max_ctx // 256)
+    exp_sums = torch.empty(S, hq, P, dtype=torch.float32, device=device)
+    max_logits, tmp_out = torch.empty_like(exp_sums), torch.empty(S, hq, P, d, dtype=dt, device=device)
+    ws = torch.empty(api.paged_attention_workspace_size(S, hq, d, P, dt), dtype=torch.uint8, device=device)
+    kv_indptr = torch.tensor([0, 2, 4], **i32)
+    pages = nhd.block_tables[:, :2].reshape(-1).contiguous()
+    last = torch.tensor([14, 1], **i32)
+    # prefill / extend: sequences of 3 and 2 new tokens after the cached context
+    T = 5
+    qp, kp, vp, op = rand(T, hq, d), rand(T, hkv, d), rand(T, hkv, d), torch.empty(T, hq, d, dtype=dt, device=device)
+    starts = torch.tensor([0, 3, 5], **i32)
+    seq_lens = torch.tensor([ctx[0] + 3, ctx[1] + 2], **i32)
+    tokens = rand(48, hkv, d), rand(48, hkv, d)
+    kv_idx = torch.arange(40, **i32)
+    kv_ptr = torch.tensor([0, 30, 40], **i32)
+
+    return [
+        HostCase("reshape_and_cache", lambda: api.reshape_and_cache(key, value, wk, wv, slots)),
+        HostCase("reshape_and_cache_flash", lambda: api.reshape_and_cache_flash(key, value, fk, fv, slots)),
+        HostCase("reshape_and_cache_with_pertoken_quant", lambda: api.reshape_and_cache_with_pertoken_quant(
+            key, value, qk, qv, *tok_scales, slots)),
+        HostCase("reshape_and_cache_with_block_quant", lambda: api.reshape_and_cache_with_block_quant(
+            key, value, qk, qv, *blk_scales, slots)),
+        HostCase("swap_blocks", lambda: api.swap_blocks(swap_src, swap_dst, swap_map)),
+        HostCase("copy_blocks", lambda: api.copy_blocks([wk], [wv], copy_map)),
+        HostCase("paged_attention_decode", lambda: api.paged_attention_decode(
+            out, q, hnd.key_cache, hnd.value_cache, hnd.context_lens, hnd.block_tables, d ** -0.5, max_ctx)),
+        HostCase("paged_attention_rocm", lambda: api.paged_attention_rocm(
+            out, exp_sums, max_logits, tmp_out, q, vllm.key_cache, vllm.value_cache, hkv, d ** -0.5,
+            vllm.block_tables, vllm.context_lens, bs, max_ctx, None, "auto", None, None)),
+        HostCase("paged_attention_v1", lambda: api.paged_attention_v1(
+            out, ws, q, nhd.key_cache, nhd.value_cache, d ** -0.5, nhd.block_tables, None, nhd.context_lens, max_ctx,
+            None, "auto", "NHD", 0.0, None, None)),
+        HostCase("paged_attention_ragged", lambda: api.paged_attention_ragged(
+            out, ws, q, nhd.key_cache, nhd.value_cache, d ** -0.5, kv_indptr, pages, last, bs, P, None, "auto",
+            "NHD", 0.0, None, None)),
+        HostCase("pa_fwd_asm", lambda: api.pa_fwd_asm(
+            q, asm.key_cache, asm.value_cache, asm.block_tables, asm.context_lens, asm.block_tables.stride(0),
+            out_=out)),
+        HostCase("paged_attention_common", lambda: api.paged_attention_common(
+            q, asm.key_cache, asm.value_cache, exp_sums, max_logits, tmp_out, asm.block_tables, asm.context_lens,
+            asm.block_tables.stride(0), d ** -0.5, max_seq_len=max_ctx, out_=out)),
+        HostCase("context_attention_fwd", lambda: api.context_attention_fwd(
+            qp, kp, vp, op, "auto", vllm.key_cache, vllm.value_cache, vllm.block_tables, starts, seq_lens, 3),
+            like="prefill"),
+        HostCase("chunked_prefill_paged_decode", lambda: api.chunked_prefill_paged_decode(
+            qp, kp, vp, op, "auto", vllm.key_cache, vllm.value_cache, vllm.block_tables, starts, seq_lens, 3),
+            like="prefill"),
+        HostCase("extend_attention_fwd", lambda: api.extend_attention_fwd(
+            qp, kp, vp, op, *tokens, starts, kv_ptr, kv_idx, None, True, None, 3), like="prefill"),
+        HostCase("prefill_attention", lambda: api.prefill_attention(
+            qp, kp, vp, op, starts[:2], starts[1:] - starts[:2], 3), like="prefill"),
+    ]
+
+
+def warmup_cases(device: str = "cuda") -> list:
+    """Calls that compile the kernel specialisations a serving process hits first: paged decode
+    (one pass and split-K) over HND caches in bf16 and fp16, head dims 64 and 128, 16-bit, fp8
+    per-tensor and fp8 per-token KV; prefix prefill over vLLM caches; the cache writes (vLLM, NHD,
+    fp8 per-tensor and per-token). 32 query heads over 8 KV heads, block size 16, small contexts."""
+    import torch
+
+    from aiter_core.host import HostCase
+    from aiter_core.quant import KVQuant
+
+    from . import api
+    from .layouts import allocate_kv_cache
+    from .testing import make_paged_kv
+
+    fp8 = torch.float8_e4m3fn
+    S, hq, hkv, bs, ctx = 2, 32, 8, 16, [40, 17]
+    i32 = dict(dtype=torch.int32, device=device)
+    cases = []
+    for dt in (torch.bfloat16, torch.float16):
+        for d in (64, 128):
+            tag = f"{str(dt).replace('torch.', '')} d{d}"
+            q = torch.randn(S, hq, d, device=device).to(dt)
+            out = torch.empty_like(q)
+            for quant, store in ((KVQuant.NONE, None), (KVQuant.PER_TENSOR_8BIT, fp8), (KVQuant.PER_TOKEN_8BIT, fp8)):
+                kv = make_paged_kv(ctx, hkv, d, bs, "HND", quant, dt, store, device, pad_entries=False)
+                forms = (0, 2) if quant == KVQuant.NONE else (0,)  # split-K: 16-bit caches split first
+                for parts in forms:
+                    args = (out, q, kv.key_cache, kv.value_cache, kv.context_lens, kv.block_tables, d ** -0.5, max(ctx),
+                            None, kv.k_scale, kv.v_scale, parts)
+                    cases.append(HostCase(
+                        f"paged_attention_decode ({tag}, {quant.name.lower()}{', split' if parts else ''})",
+                        lambda a=args: api.paged_attention_decode(*a)))
+            vllm = make_paged_kv(ctx, hkv, d, bs, "vllm", KVQuant.NONE, dt, None, device, pad_entries=False)
+            T = 6
+            qp, kp, vp = (torch.randn(T, h, d, device=device).to(dt) for h in (hq, hkv, hkv))
+            op = torch.empty_like(qp)
+            starts = torch.tensor([0, 4, 6], **i32)
+            seq_lens = torch.tensor([ctx[0] + 4, ctx[1] + 2], **i32)
+            prefill = (qp, kp, vp, op, "auto", vllm.key_cache, vllm.value_cache, vllm.block_tables, starts, seq_lens, 4)
+            cases.append(HostCase(f"context_attention_fwd ({tag})", lambda a=prefill: api.context_attention_fwd(*a),
+                                  like="prefill"))
+            key, value = torch.randn(S, hkv, d, device=device).to(dt), torch.randn(S, hkv, d, device=device).to(dt)
+            slots = torch.tensor([3, 20], device=device)
+            wk, wv = allocate_kv_cache(4, bs, hkv, d, dt, "vllm", device)
+            fk, fv = allocate_kv_cache(4, bs, hkv, d, dt, "NHD", device)
+            qk, qv = allocate_kv_cache(4, bs, hkv, d, fp8, "vllm", device)
+            scales = [torch.ones(hkv, 4 * bs, device=device) for _ in range(2)]
+            cases += [
+                HostCase(f"reshape_and_cache ({tag})", lambda a=(key, value, wk, wv, slots): api.reshape_and_cache(*a)),
+                HostCase(f"reshape_and_cache fp8 ({tag})", lambda a=(key, value, qk, qv, slots): api.reshape_and_cache(
+                    *a, "fp8")),
+                HostCase(f"reshape_and_cache_flash ({tag})",
+                         lambda a=(key, value, fk, fv, slots): api.reshape_and_cache_flash(*a)),
+                HostCase(f"reshape_and_cache_with_pertoken_quant ({tag})",
+                         lambda a=(key, value, qk, qv, *scales, slots): api.reshape_and_cache_with_pertoken_quant(*a)),
+            ]
+    return cases
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
