@@ -286,3 +286,13 @@ def test_max_element_offset():
     assert ta.max_element_offset(torch.empty(0, 3)) == -1
     assert ta.max_element_offset(torch.empty(1, 1).expand(2**20, 2**12)) == 0  # broadcast: stride 0
 
+
+
+def test_host_integer_helpers_match_triton():
+    from aiter_core.triton_utils import max_element_offset as from_shape, next_pow2
+
+    assert [next_pow2(n) for n in (0, 1, 2, 3, 5, 64, 65, 1000)] == [1, 1, 2, 4, 8, 64, 128, 1024]
+    assert all(next_pow2(n) == triton.next_power_of_2(n) for n in range(1, 3000))
+    t = torch.empty(4, 6, 8)[:, ::2, 1:]
+    assert from_shape(t.shape, t.stride()) == ta.max_element_offset(t) == 3 * 48 + 2 * 16 + 6
+    assert from_shape((0, 5), (5, 1)) == -1

@@ -95,7 +95,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import cdiv
+from .triton_utils import cdiv, next_pow2
+from .triton_utils import max_element_offset as _max_element_offset
 
 __all__ = [
     "LOG2E",
@@ -360,12 +361,11 @@ def _splitk_merge_kernel(
 
 
 def max_element_offset(t: torch.Tensor) -> int:
-    """The largest element offset from ``t``'s data pointer that indexing ``t`` can reach
-    (``sum((size - 1) * stride)``; -1 for an empty tensor): under ``2**31`` a kernel may address it
-    with int32 offsets."""
-    if t.numel() == 0:
-        return -1
-    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    """The largest element offset from ``t``'s data pointer that indexing ``t`` can reach (-1 for
+    an empty tensor): under ``2**31`` a kernel may address it with int32 offsets. The same as
+    ``triton_utils.max_element_offset(t.shape, t.stride())``, which host code with the shape and
+    strides at hand calls without importing Triton."""
+    return _max_element_offset(t.shape, t.stride())
 
 
 def _two_row_dims(t: torch.Tensor, name: str, trailing: int) -> tuple[tuple[int, int], tuple[int, int], torch.Tensor]:
@@ -414,8 +414,8 @@ def splitk_merge(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torc
     nrows = r0 * r1
     if nrows == 0 or head_dim == 0:
         return out
-    block_d = block_d or min(triton.next_power_of_2(head_dim), 256)
-    block_k = min(max(triton.next_power_of_2(max(splits, 1)), 2), 32)
+    block_d = block_d or min(next_pow2(head_dim), 256)
+    block_k = min(max(next_pow2(splits), 2), 32)
     grid = (nrows, cdiv(head_dim, block_d))
     _splitk_merge_kernel[grid](
         partial_out, partial_lse, partial_sum if partial_sum is not None else partial_lse, out,

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-__all__ = ["cdiv", "interpreter_active", "triton_imported_as_interpreter", "check_interpreter_consistent", "autotune",
+__all__ = ["cdiv", "next_pow2", "max_element_offset", "interpreter_active", "triton_imported_as_interpreter", "check_interpreter_consistent", "autotune",
            "pinned_config", "install_compile_notice", "compile_notice"]
 
 # Triton reads booleans from the environment with these spellings (triton.knobs.env_bool).
@@ -26,6 +26,21 @@ def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for host integers. ``triton.cdiv`` is a constexpr function: on the host each
     call costs microseconds (4 us under Triton 3.6), which launch heuristics pay per call."""
     return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``), for host integers: like ``cdiv``,
+    ``triton.next_power_of_2`` costs microseconds per host call."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def max_element_offset(shape, stride) -> int:
+    """The largest element offset from a tensor's data pointer that indexing it can reach
+    (``sum((size - 1) * stride)``; -1 for an empty tensor): under ``2**31`` a kernel may address
+    it with int32 offsets. Takes the shape and strides a caller already read (no Triton import)."""
+    if 0 in shape:
+        return -1
+    return sum((size - 1) * st for size, st in zip(shape, stride))
 
 
 def interpreter_active() -> bool:
