@@ -94,7 +94,7 @@ def test_prefill_ps_rejects_bad_input():
                                True)
     with pytest.raises(ValueError, match="K head dim must equal Q's"):
         api.mla_prefill_ps_fwd(q, torch.zeros(9, 2, 40), v, out, ind, ind, idx, None, None, 5, True)
-    with pytest.raises(ValueError, match="output must be"):
+    with pytest.raises(ValueError, match=r"output must have shape \(5, 4, 32\)"):
         api.mla_prefill_ps_fwd(q, k, v, torch.empty(5, 4, 48), ind, ind, idx, None, None, 5, True)
     with pytest.raises(ValueError, match="kv_indptr must have 2 entries"):
         api.mla_prefill_ps_fwd(q, k, v, out, ind, torch.tensor([0, 2, 5], dtype=torch.int32), idx, None, None, 5, True)

@@ -30,6 +30,7 @@ from aiter_core.checks import (
     check_int32_vector,
     check_last_dim_contiguous,
     check_scalar_f32,
+    check_shape,
     check_tensor,
 )
 
@@ -379,7 +380,7 @@ def q_block(max_seqlen_q: int) -> int:
 
 def _shape(name: str, x: Tensor, expected: tuple) -> None:
     if x.shape != expected:
-        raise ValueError(f"{name} must be [{', '.join(map(str, expected))}], got {tuple(x.shape)}")
+        check_shape(name, x, expected)
 
 
 # -- shared parts of the attention checks ----------------------------------------------------------
