@@ -20,7 +20,7 @@ import torch
 
 from aiter_core import configs
 from aiter_core.triton_attn import max_element_offset, splitk_merge
-from aiter_core.triton_utils import cdiv, install_compile_notice, interpreter_active
+from aiter_core.triton_utils import cdiv, install_compile_notice, interpreter_active, next_pow2
 
 from ..checks import FP8_DTYPES, q_block
 from .attention import mla_attn_kernel, mla_attn_persistent_kernel, mla_reduce_kernel
@@ -39,10 +39,6 @@ MAX_SPLITS = 16
 SPLIT_OVERHEAD_TOKENS = 64
 MERGE_BLOCK_H = 8
 ROPE_BLOCK_HQ = 16  # query heads per program of the RoPE kernels (and the most KV heads of the cache kernel)
-
-
-def next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
 class TileConfig(NamedTuple):
@@ -335,9 +331,7 @@ def attention(q: Tensor, kv: Tensor, out: Tensor, *, qo_indptr: Tensor, max_seql
         *constexprs, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:
-        # aiter_core's split-K merge over rows (T, H); its block_d default is computed here
-        # (triton.next_power_of_2 costs microseconds on the host)
-        splitk_merge(partial_o, partial_lse, out, lse, block_d=min(next_pow2(d_v), 256))
+        splitk_merge(partial_o, partial_lse, out, lse)  # aiter_core's split-K merge over rows (T, H)
 
 
 # -- one launcher per op ----------------------------------------------------------------------------
