@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from aiter_core import configs
+from aiter_core.arch import get_arch_info
 from aiter_core.triton_attn import max_element_offset, splitk_merge
 from aiter_core.triton_utils import cdiv, install_compile_notice, interpreter_active, next_pow2
 
@@ -133,8 +134,6 @@ def auto_num_kv_splits(batch: int, avg_kv_tokens: float, num_heads: int, max_seq
 def choose_num_kv_splits(batch: int, kv_tokens: int, num_heads: int, max_seqlen_q: int, kv_dtype: torch.dtype,
                          kv_lora_rank: int = 512, op: str = "mla_decode_fwd") -> int:
     """The automatic split count of ``op`` (:func:`auto_num_kv_splits` with its launch config)."""
-    from aiter_core.arch import get_arch_info
-
     cfg = decode_config(num_heads, max_seqlen_q, kv_dtype, kv_lora_rank, op)
     return auto_num_kv_splits(batch, kv_tokens / max(batch, 1), num_heads, max_seqlen_q, cfg, get_arch_info().num_cu)
 
