@@ -280,12 +280,8 @@ def _block_tables(block_tables, context_lens, max_context_len: int | None, info:
                   lens_name: str = "context_lens") -> int:
     """Checks a block table and its context lengths; returns the number of sequences.
     ``max_context_len=None``: the table's width bounds the context (nothing to check)."""
-    if not (isinstance(block_tables, Tensor) and block_tables.dtype in INDEX_DTYPES and block_tables.dim() == 2
-            and block_tables.device == device):
-        check_int_tensor("block_tables", block_tables, 2, device)
-    if not (isinstance(context_lens, Tensor) and context_lens.dtype in INDEX_DTYPES and context_lens.dim() == 1
-            and context_lens.device == device):
-        check_int_tensor(lens_name, context_lens, 1, device)
+    check_int_tensor("block_tables", block_tables, 2, device)
+    check_int_tensor(lens_name, context_lens, 1, device)
     num_seqs, width = block_tables.shape
     if max_context_len is None:
         max_context_len = width * info.block_size
@@ -462,10 +458,18 @@ def _cache_setup(key, value, key_cache, value_cache, slot_mapping, asm_layout, k
     return info, key, value, slots, device
 
 
+def _reused(factory, device: torch.device, *args):
+    """``factory(device, *args)``: tensors made once per device and arguments and never written
+    (``factory`` is lru-cached), except during CUDA-graph capture, where a tensor made now would
+    hold its values only once the graph replays: then a fresh one, filled by the replay."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return factory.__wrapped__(device, *args)
+    return factory(device, *args)
+
+
 @lru_cache(maxsize=16)
 def _unit_scale(device: torch.device) -> Tensor:
-    """A float32 ``[1]`` tensor of 1.0 on ``device`` (the per-tensor scale None stands for); made
-    once per device, never written."""
+    """A float32 ``[1]`` tensor of 1.0 on ``device`` (the per-tensor scale None stands for)."""
     return torch.ones(1, dtype=torch.float32, device=device)
 
 
@@ -486,7 +490,7 @@ def pa_reshape_and_cache(key: Tensor, value: Tensor, key_cache: Tensor, value_ca
         scales = []
         for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
             if sc is None:
-                sc = _unit_scale(device)
+                sc = _reused(_unit_scale, device)
             if not isinstance(sc, Tensor) or sc.numel() != 1 or sc.dtype != torch.float32:
                 raise ValueError(f"{name} must be a float32 tensor with one element (per-tensor), got "
                                  f"{getattr(sc, 'dtype', type(sc).__name__)} {tuple(getattr(sc, 'shape', ()))}")
@@ -571,12 +575,14 @@ def pa_swap_blocks(src: Tensor, dst: Tensor, block_mapping: Tensor, backend: Opt
         raise ValueError(f"src and dst must hold the same blocks: got {src.dtype} {tuple(src.shape)} and "
                          f"{dst.dtype} {tuple(dst.shape)}")
     m = block_mapping.to("cpu", torch.int64)  # upstream keeps the mapping on the CPU
-    s, d = m[:, 0], m[:, 1]
-    if m.shape[0] and (int(s.min()) < 0 or int(s.max()) >= src.shape[0] or int(d.min()) < 0
-                       or int(d.max()) >= dst.shape[0]):
-        raise ValueError(f"block_mapping ids out of range: sources must be in [0, {src.shape[0]}), destinations in "
-                         f"[0, {dst.shape[0]})")
-    return SwapBlocks(src, dst, s, d, BlockKey(dst.device.type, dst.dtype), backend)
+    pairs = m.tolist()
+    if pairs:
+        sources, destinations = [s for s, _ in pairs], [d for _, d in pairs]
+        if min(sources) < 0 or max(sources) >= src.shape[0] or min(destinations) < 0 \
+                or max(destinations) >= dst.shape[0]:
+            raise ValueError(f"block_mapping ids out of range: sources must be in [0, {src.shape[0]}), destinations "
+                             f"in [0, {dst.shape[0]})")
+    return SwapBlocks(src, dst, m[:, 0], m[:, 1], BlockKey(dst.device.type, dst.dtype), backend)
 
 
 def pa_copy_blocks(key_caches: List[Tensor], value_caches: List[Tensor], block_mapping: Tensor,
@@ -591,11 +597,12 @@ def pa_copy_blocks(key_caches: List[Tensor], value_caches: List[Tensor], block_m
     if caches and block_mapping.shape[0]:
         nb = min(c.shape[0] for c in caches)
         if block_mapping.device.type == "cpu":  # checked on the host only when it already is there
-            m = block_mapping.long()
-            if int(m.min()) < 0 or int(m.max()) >= nb:
-                raise ValueError(f"block_mapping ids must be in [0, {nb}), got range [{int(m.min())}, {int(m.max())}]")
-            dsts = set(m[:, 1].tolist())
-            if len(dsts) != m.shape[0] or dsts & set(m[:, 0].tolist()):
+            pairs = block_mapping.tolist()
+            ids = [i for pair in pairs for i in pair]
+            if min(ids) < 0 or max(ids) >= nb:
+                raise ValueError(f"block_mapping ids must be in [0, {nb}), got range [{min(ids)}, {max(ids)}]")
+            dsts = {d for _, d in pairs}
+            if len(dsts) != len(pairs) or not dsts.isdisjoint(s for s, _ in pairs):
                 raise ValueError("block_mapping destinations must be distinct and must not also be sources")
         for c in caches:
             if not c.is_contiguous():
@@ -844,7 +851,9 @@ def pa_context_attention_fwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, kv_cach
         raise ValueError("b_loc rows must be contiguous (stride 1 along blocks)")
     window = 0 if sliding_window is None else _int("sliding_window", sliding_window)
     scale = D ** -0.5 if sm_scale is None else _float("sm_scale", sm_scale)
-    cached = (b_seq_len - (b_start_loc[1:] - b_start_loc[:-1])).to(torch.int32)  # on the device, no sync
+    cached = b_seq_len - b_start_loc.diff()  # cached tokens per sequence: on the device, no sync
+    if cached.dtype != torch.int32:
+        cached = cached.to(torch.int32)
     return PagedCall("pa_context_attention_fwd", o, q, k_cache, v_cache, info, scale, max_ctx, B, Hq, b_loc, cached,
                      ka, va, _key(device, q.dtype, k_cache.dtype, D, Dv, quant, 1), backend, alibi_slopes, 0.0, window,
                      b_start_loc, max_input_len, new_k=k, new_v=v, skip_decode=bool(skip_decode), num_partitions=1)
@@ -894,8 +903,7 @@ def extend_attention_fwd(q_extend: Tensor, k_extend: Tensor, v_extend: Tensor, o
 
 @lru_cache(maxsize=64)
 def _empty_cache(device: torch.device, dtype: torch.dtype, num_kv_heads: int, head_dim: int, head_dim_v: int):
-    """A one-token NHD cache pair of zeros (prefill without a cache reads none of it), made once per
-    geometry and device, never written."""
+    """A one-token NHD cache pair of zeros (prefill without a cache reads none of it)."""
     return (torch.zeros(1, 1, num_kv_heads, head_dim, dtype=dtype, device=device),
             torch.zeros(1, 1, num_kv_heads, head_dim_v, dtype=dtype, device=device))
 
@@ -921,10 +929,12 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, o: Tensor, b_start_loc: T
         if not isinstance(t, Tensor) or t.dim() != 3 or qshape[1] % t.shape[1]:
             raise ValueError(f"{name} must be [total_tokens, Hk, D] with Hq a multiple of Hk, got "
                              f"{tuple(getattr(t, 'shape', ()))}")
-    kc, vc = _empty_cache(device, q.dtype, k.shape[1], qshape[2], v.shape[2])
+    kc, vc = _reused(_empty_cache, device, q.dtype, k.shape[1], qshape[2], v.shape[2])
     info, Hq, D, Dv, device, quant, ka, va = _prefill_common(q, k, v, o, kc, vc, "NHD", "auto", None, None)
-    qo = torch.cat([b_start_loc, (b_start_loc[-1:] + b_seq_len[-1:])]).to(torch.int32)
-    bt, ctx = _no_context(device, B)
+    qo = torch.cat([b_start_loc, (b_start_loc[-1:] + b_seq_len[-1:])])  # [B + 1] row offsets, on the device
+    if qo.dtype != torch.int32:
+        qo = qo.to(torch.int32)
+    bt, ctx = _reused(_no_context, device, B)
     return PagedCall("prefill_attention", o, q, kc, vc, info, D ** -0.5, 0, B, Hq, bt, ctx, ka, va,
                      _key(device, q.dtype, kc.dtype, D, Dv, quant, 1), backend, qo_indptr=qo,
                      max_qlen=_int("max_input_len", max_input_len, 1), new_k=k, new_v=v, new_causal=bool(is_causal),

@@ -292,6 +292,38 @@ def test_prefill_attention_varlen():
 # -- cache writes on the GPU --------------------------------------------------------------------------
 
 
+def test_constants_made_during_graph_capture_are_not_reused():
+    """reshape_and_cache's per-tensor scale of 1 (k_scale=None) is made once per device and reused;
+    made inside a CUDA-graph capture it would hold 1.0 only after the graph replays, so there a
+    fresh one is made and not kept: an eager call after the capture writes the right bytes."""
+    from aiter_pa import checks
+    from aiter_pa.layouts import allocate_kv_cache
+    from aiter_pa.reference import reshape_and_cache_ref
+
+    nb, bs, H, D, T = 8, 16, 2, 64, 20
+    g = torch.Generator(device=DEV).manual_seed(3)
+    key = torch.randn(T, H, D, generator=g, device=DEV).half()
+    value = torch.randn(T, H, D, generator=g, device=DEV).half()
+    slots = torch.randperm(nb * bs, generator=g, device=DEV)[:T]
+    ones = torch.ones(1, device=DEV)
+    kc, vc = allocate_kv_cache(nb, bs, H, D, FP8, "vllm", DEV)
+    aiter_pa.reshape_and_cache(key, value, kc, vc, slots, "fp8", ones, ones)  # compile outside the capture
+    checks._unit_scale.cache_clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        aiter_pa.reshape_and_cache(key, value, kc, vc, slots, "fp8")
+    assert checks._unit_scale.cache_info().currsize == 0
+    graph.replay()
+    for _ in range(2):  # the first eager call makes the kept constant, the second reuses it
+        kc.view(torch.uint8).zero_(), vc.view(torch.uint8).zero_()
+        aiter_pa.reshape_and_cache(key, value, kc, vc, slots, "fp8")
+        rk, rv = (torch.zeros(c.shape, dtype=torch.uint8, device=DEV).view(FP8) for c in (kc, vc))
+        reshape_and_cache_ref(key, value, rk, rv, slots, k_scale=ones, v_scale=ones)
+        assert torch.equal(kc.view(torch.uint8), rk.view(torch.uint8))
+        assert torch.equal(vc.view(torch.uint8), rv.view(torch.uint8))
+    assert checks._unit_scale.cache_info().currsize == 1
+
+
 def test_cache_writes_bf16_fp8_on_gpu():
     from aiter_pa.layouts import allocate_kv_cache
     from aiter_pa.reference import reshape_and_cache_pertoken_ref, reshape_and_cache_ref

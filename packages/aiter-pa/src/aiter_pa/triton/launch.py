@@ -32,7 +32,6 @@ from math import gcd
 from typing import NamedTuple
 
 import torch
-import triton
 
 from aiter_core import configs, env
 from aiter_core import triton_attn as ta
@@ -54,6 +53,13 @@ CTAS_PER_SM = 4
 CTAS_PER_SM_8BIT = 2
 MAX_BLOCK_M = 64
 _INTERPRET = interpreter_active()  # Triton fixed its mode when it was imported (above)
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    """The smallest power of two >= ``n``, at least ``lo`` (``triton.next_power_of_2`` is a
+    constexpr function: ~10 us per host call under Triton 3.6)."""
+    return max(lo, 1 << (max(n, 1) - 1).bit_length())
+
 
 
 class KernelConfig(NamedTuple):
@@ -85,14 +91,25 @@ def _kv_bytes(key: PagedKey) -> float:
 
 def config_for(op: str, key: PagedKey, block_m: int) -> KernelConfig:
     """The tile config of ``op``'s call with ``key``: :func:`default_config` through the
-    ``AITER_<OP>_CONFIG`` override."""
+    ``AITER_<OP>_CONFIG`` override (cached per value of that variable)."""
+    return _config(op, key, block_m, env.get(_config_variable(op)))
+
+
+@lru_cache(maxsize=64)
+def _config_variable(op: str) -> str:
+    return configs.variable(op)
+
+
+@lru_cache(maxsize=1024)
+def _config(op: str, key: PagedKey, block_m: int, override: str | None) -> KernelConfig:
+    del override  # part of the cache key: configs.override reads the variable itself
     return configs.override(op, default_config(max(key.head_dim, key.head_dim_v), _kv_bytes(key), block_m))
 
 
 @lru_cache(maxsize=256)
 def block_m_for(gqa: int, max_qlen: int, head_dim_v: int = 128) -> int:
     cap = MAX_BLOCK_M if head_dim_v <= 256 else 16  # a 512-wide fp32 accumulator: keep the row tile small
-    return min(cap, max(16, triton.next_power_of_2(gqa * max_qlen)))
+    return min(cap, _pow2(gqa * max_qlen, 16))
 
 
 def _num_sms() -> int:
@@ -155,9 +172,9 @@ def _constexprs(key: PagedKey, info, gqa: int, block_m: int, block_n: int, qo_mo
     d1, d2 = split_head_dim(D)
     k, v = info.k, info.v
     values = dict(
-        GQA=gqa, BLOCK_M=block_m, HEAD_D=d1, HEAD_DV=Dv, BLOCK_D=max(16, triton.next_power_of_2(d1)),
+        GQA=gqa, BLOCK_M=block_m, HEAD_D=d1, HEAD_DV=Dv, BLOCK_D=_pow2(d1, 16),
         HEAD_D2=d2, BLOCK_D2=max(16, d2),
-        BLOCK_DV=max(16, triton.next_power_of_2(Dv)), BLOCK_N=block_n, KV_BLOCK=info.block_size,
+        BLOCK_DV=_pow2(Dv, 16), BLOCK_N=block_n, KV_BLOCK=info.block_size,
         K_TX=k.TX, K_CX=k.CX, V_TX=v.TX, V_CX=v.CX,
         s_kt_hi=k.s_t_hi, s_kt_lo=k.s_t_lo, s_kc_hi=k.s_c_hi, s_kc_lo=k.s_c_lo,
         s_vt_hi=v.s_t_hi, s_vt_lo=v.s_t_lo, s_vc_hi=v.s_c_hi, s_vc_lo=v.s_c_lo,
@@ -196,8 +213,9 @@ def _carve(ws: torch.Tensor, rows: int, num_heads: int, partitions: int, head_di
     return po, pmax, psum
 
 
-def _plan(call: PagedCall, config: KernelConfig | None) -> Launch:
-    """The launch of ``call``, its constexprs as the value tuple (see :func:`prepare_launch`)."""
+def _plan(call: PagedCall, config: KernelConfig | None) -> tuple:
+    """The launch of ``call`` as a plain tuple, its constexprs as the value tuple (see
+    :func:`prepare_launch`)."""
     key, info = call.key, call.info
     query, out = call.query, call.out
     Hk = info.num_kv_heads
@@ -274,14 +292,14 @@ def _plan(call: PagedCall, config: KernelConfig | None) -> Launch:
         k.s_blk, k.s_head, v.s_blk, v.s_head, *ks_s, *vs_s, *nk_s, *nv_s, *po_s, *pm_s,
         float(call.scale), float(softcap) if softcap else 1.0, window, part_tokens, max_qlen,
     ]
-    return Launch((call.num_seqs, Hk, m_tiles * P), args, constexprs, cfg.num_warps, cfg.num_stages,
-                  (po, pmax, psum) if split else None)
+    return ((call.num_seqs, Hk, m_tiles * P), args, constexprs, cfg.num_warps, cfg.num_stages,
+            (po, pmax, psum) if split else None)
 
 
 def prepare_launch(call: PagedCall, config: KernelConfig | None = None) -> Launch:
     """The kernel launch of ``call`` (``config`` replaces the tile config)."""
-    launch = _plan(call, config)
-    return launch._replace(constexprs=dict(zip(CONSTEXPR_NAMES, launch.constexprs)))
+    grid, args, constexprs, num_warps, num_stages, merge = _plan(call, config)
+    return Launch(grid, args, dict(zip(CONSTEXPR_NAMES, constexprs)), num_warps, num_stages, merge)
 
 
 def paged_attention(call: PagedCall) -> None:
@@ -294,10 +312,6 @@ def paged_attention(call: PagedCall) -> None:
 
 
 # -- cache writes and block copies ----------------------------------------------------------------
-
-
-def _pow2(n: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(max(n, 1)))
 
 
 @lru_cache(maxsize=32)
@@ -318,15 +332,21 @@ def write_cache(src: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tens
     T, H, D = src.shape
     if T == 0:
         return
-    block_d = _pow2(D // 2 if mode == MODE_INT4 else D, 2)
-    qmax = 7.0 if mode == MODE_INT4 else _qmax(cache.dtype)
+    qmax, constexprs = _write_constexprs(addr, block_size, mode, cache.dtype, H, D)
     _cache_write_kernel[(T,)](
         src, slot_mapping, cache, scale if scale is not None else src,
-        *src.stride(), addr.s_blk, addr.s_head, *scale_strides, H, D, qmax, num_slots,
-        KV_BLOCK=block_size, TX=addr.TX, CX=addr.CX, s_t_hi=addr.s_t_hi, s_t_lo=addr.s_t_lo, s_c_hi=addr.s_c_hi,
-        s_c_lo=addr.s_c_lo, MODE=mode, IS_INT=cache.dtype == torch.int8,
-        BLOCK_H=_pow2(H), BLOCK_D=block_d, num_warps=4, enable_fp_fusion=False,
+        *src.stride(), addr.s_blk, addr.s_head, *scale_strides, H, D, qmax, num_slots, *constexprs,
+        num_warps=4, enable_fp_fusion=False,
     )
+
+
+@lru_cache(maxsize=256)
+def _write_constexprs(addr: Addressing, block_size: int, mode: int, cache_dtype: torch.dtype, H: int, D: int):
+    """(qmax, the write kernel's constexprs in its signature's order: KV_BLOCK, TX, CX, s_t_hi, s_t_lo,
+    s_c_hi, s_c_lo, MODE, IS_INT, BLOCK_H, BLOCK_D) of one specialisation."""
+    qmax = 7.0 if mode == MODE_INT4 else _qmax(cache_dtype)
+    return qmax, (block_size, addr.TX, addr.CX, addr.s_t_hi, addr.s_t_lo, addr.s_c_hi, addr.s_c_lo, mode,
+                  cache_dtype == torch.int8, _pow2(H), _pow2(D // 2 if mode == MODE_INT4 else D, 2))
 
 
 def block_quant_write(src: torch.Tensor, slot_mapping: torch.Tensor, cache: torch.Tensor, addr: Addressing,
