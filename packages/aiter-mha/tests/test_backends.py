@@ -1,5 +1,5 @@
-"""Backend specs, entry points, supports() reasons, selection and the Triton adaptors' argument
-mapping (kernels replaced by recorders, vLLM style) - tier 1, no kernel runs."""
+"""Backend specs, entry points, supports() reasons, selection, and how a Call reaches the Triton
+kernels (kernels replaced by recorders, vLLM style) - tier 1, no kernel runs."""
 
 import os
 from importlib.metadata import entry_points
@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import aiter_mha
+import aiter_mha.checks
 import aiter_mha.ops as mha_ops
-from aiter_core.registry import Problem, Registry, UnsupportedError, resolve
+from aiter_core.registry import Registry, UnsupportedError, resolve
 from aiter_mha.backends import OPS, backend_specs, family, triton_supports
+from aiter_mha.checks import Key
 
 
 def fresh_registry():
@@ -21,20 +23,19 @@ def fresh_registry():
     return reg
 
 
-def problem(**over):
-    base = dict(op="mha_fwd", device=torch.device("cpu"), device_type="cpu", dtype=torch.float16, fp8=False,
-                head_dim_qk=64, head_dim_v=64, heads_q=8, heads_kv=2, backward=False, varlen=False,
-                batch_padding=False, paged=False, padded=False, dropout=False, bias=False, alibi=False, sink=False,
-                softcap=False, window=(-1, -1, 0), deterministic=False, page_size=None)
+def key(**over):
+    base = dict(device=torch.device("cpu"), dtype=torch.float16, fp8=False, head_dim_qk=64, head_dim_v=64,
+                backward=False, paged=False, dropout=False, window=False, bias=False)
     base.update(over)
-    return Problem(**base)
+    return Key(**base)
 
 
-def test_specs_cover_every_op_with_both_backends_and_resolve():
+def test_specs_cover_every_op_with_both_backends_as_functions():
     specs = backend_specs()
+    assert set(OPS) == set(mha_ops.OPS)
     assert {(s.op, s.backend) for s in specs} == {(op, b) for op in OPS for b in ("triton", "reference")}
     for s in specs:
-        assert callable(resolve(s.impl)), s.impl
+        assert callable(s.impl) and not isinstance(s.impl, str), s
         if s.backend == "triton":
             assert s.priority > next(r.priority for r in specs if r.op == s.op and r.backend == "reference")
 
@@ -44,107 +45,115 @@ def test_entry_points_are_declared():
     families = {ep.name: ep.value for ep in entry_points(group="aiter.families")}
     assert backends.get("mha") == "aiter_mha.backends:backend_specs"
     assert families.get("mha") == "aiter_mha.backends:family"
-    assert callable(resolve(family.smoke)) and callable(resolve(family.bench)) and set(family.ops) == set(OPS)
+    for path in (family.smoke, family.bench, family.host, family.warmup):
+        assert callable(resolve(path)), path
+    assert set(family.ops) == set(OPS)
+
+
+def test_importing_backends_is_cheap():
+    import subprocess
+    import sys
+
+    code = "import sys, aiter_mha.backends; print('triton' in sys.modules, 'aiter_mha.triton.launch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
 
 
 def test_triton_supports_reasons(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert triton_supports(problem()) == []
-    assert any("interpreter" in r for r in triton_supports(problem(dtype=torch.bfloat16)))
-    assert any("head dim 512 > 256" in r for r in triton_supports(problem(head_dim_v=512)))
-    assert any("e4m3fn" in r for r in triton_supports(problem(dtype=torch.float8_e5m2, fp8=True)))
-    assert any("fp8 has no backward" in r for r in triton_supports(problem(dtype=torch.float8_e4m3fn, fp8=True, backward=True)))
-    assert any("paged" in r for r in triton_supports(problem(backward=True, paged=True)))
-    fp8_cpu = problem(dtype=torch.float8_e4m3fn, fp8=True)
+    assert triton_supports(key()) == []
+    assert any("interpreter" in r for r in triton_supports(key(dtype=torch.bfloat16)))
+    assert any("head dim 512 > 256" in r for r in triton_supports(key(head_dim_v=512)))
+    assert any("e4m3fn" in r for r in triton_supports(key(dtype=torch.float8_e5m2, fp8=True)))
+    assert any("fp8 has no backward" in r for r in triton_supports(key(dtype=torch.float8_e4m3fn, fp8=True, backward=True)))
+    assert any("paged" in r for r in triton_supports(key(backward=True, paged=True)))
+    fp8_cpu = key(dtype=torch.float8_e4m3fn, fp8=True)
     assert any("fp8 is not supported by the Triton interpreter" in r for r in triton_supports(fp8_cpu))
-    assert triton_supports(problem(dtype=torch.float8_e4m3fn, fp8=True, device=torch.device("cuda"), device_type="cuda")) == []
-    assert triton_supports(problem(device=torch.device("cuda"), device_type="cuda", dtype=torch.bfloat16)) == []
+    # the ops that quantize: high-precision inputs, fp8 kernel
+    assert any("fp8 is not supported by the Triton interpreter" in r for r in triton_supports(key(fp8=True)))
+    cuda = torch.device("cuda")
+    assert triton_supports(key(dtype=torch.float8_e4m3fn, fp8=True, device=cuda)) == []
+    assert triton_supports(key(device=cuda, dtype=torch.bfloat16)) == []
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert any("TRITON_INTERPRET=1" in r for r in triton_supports(problem()))
+    assert any("TRITON_INTERPRET=1" in r for r in triton_supports(key()))
 
 
 def test_selection_order(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     reg = fresh_registry()
-    assert reg.select("mha_fwd", problem()).backend == "triton"
-    assert reg.select("mha_fwd", problem(dtype=torch.bfloat16)).backend == "reference"  # falls back, with reason
-    assert reg.select("mha_fwd", problem(), backend="reference").backend == "reference"
+    assert reg.select("mha_fwd", key()).backend == "triton"
+    assert reg.select("flash_attn_func", key(dtype=torch.bfloat16)).backend == "reference"  # falls back, with reason
+    assert reg.select("mha_fwd", key(), backend="reference").backend == "reference"
     with pytest.raises(UnsupportedError, match="interpreter"):
-        reg.select("mha_fwd", problem(dtype=torch.bfloat16), backend="triton")
+        reg.select("mha_fwd", key(dtype=torch.bfloat16), backend="triton")
     monkeypatch.setenv("AITER_MHA_BWD_BACKEND", "reference")
-    assert reg.select("mha_bwd", problem(op="mha_bwd", backward=True)).backend == "reference"
-    assert "interpreter" in reg.explain("mha_fwd", problem(dtype=torch.bfloat16))
+    assert reg.select("mha_bwd", key(backward=True)).backend == "reference"
+    assert "interpreter" in reg.explain("flash_attn_func", key(dtype=torch.bfloat16))
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert fresh_registry().select("mha_fwd", problem()).backend == "reference"  # CPU without the interpreter
+    assert fresh_registry().select("mha_fwd", key()).backend == "reference"  # CPU without the interpreter
 
 
-def test_op_body_runs_the_selected_implementation_and_returns_its_result(monkeypatch):
+def test_op_runs_the_selected_backend_with_the_validated_call(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    reg = fresh_registry()
     seen = []
 
-    def fake_triton(**kw):
-        seen.append(kw)
-        q, v = kw["q"], kw["v"]
-        out = torch.full((*q.shape[:-1], v.shape[-1]), 7.0, dtype=q.dtype)
-        return out, torch.full((q.shape[0], q.shape[2], q.shape[1]), 3.0), None
+    def recording_fwd(call):
+        seen.append(call)
+        out = torch.full((*call.q.shape[:-1], call.v.shape[-1]), 7.0, dtype=call.q.dtype)
+        lse = torch.full((call.q.shape[0], call.q.shape[2], call.q.shape[1]), 3.0)
+        return mha_ops.fwd_result(call, out, lse, None, torch.zeros(2, dtype=torch.int64))
 
-    def recording_dispatch(op, problem=None, backend=None):
-        spec = reg.select(op, problem, backend)
-        seen.append(spec.backend)
-        return fake_triton if spec.backend == "triton" else reg.load_impl(spec)
-
-    monkeypatch.setattr(mha_ops, "dispatch", recording_dispatch)
+    monkeypatch.setattr("aiter_mha.triton.launch.fwd", recording_fwd)
     q, k, v = torch.randn(1, 3, 4, 16).half(), torch.randn(1, 5, 2, 16).half(), torch.randn(1, 5, 2, 8).half()
-    out, lse = aiter_mha.flash_attn_func(q, k, v, causal=True, return_lse=True)
-    assert seen[0] == "triton" and torch.all(out == 7) and torch.all(lse == 3)
-    assert seen[1]["is_causal"] and seen[1]["window_size_right"] == 0 and seen[1]["return_softmax_lse"]
+    out, lse = aiter_mha.flash_attn_func(q, k, v, causal=True, return_lse=True, backend="triton")
+    call = seen[-1]
+    assert torch.all(out == 7) and torch.all(lse == 3)
+    assert call.causal and call.window_right == 0 and call.window_left == -1 and call.return_lse
+    assert call.softmax_scale == 16 ** -0.5 and call.key.window and not call.key.backward
     seen.clear()
-    aiter_mha.flash_attn_func(q.bfloat16(), k.bfloat16(), v.bfloat16())
-    assert seen == ["reference"]
+    ref = aiter_mha.flash_attn_func(q.bfloat16(), k.bfloat16(), v.bfloat16())  # bf16 on the CPU: the reference
+    assert seen == [] and ref.dtype == torch.bfloat16
 
 
-# -- adaptors: contract mapping (kernels replaced by recorders) -------------------------------------
+def test_direct_torch_ops_call_goes_through_the_same_check(monkeypatch):
+    seen = []
+    monkeypatch.setattr("aiter_mha.triton.launch.fwd", lambda call: seen.append(call) or mha_ops.fwd_result(
+        call, torch.zeros(2, 3, 4, 16), torch.zeros(2, 4, 3), None, torch.zeros(2, dtype=torch.int64)))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = torch.randn(2, 3, 4, 16), torch.randn(2, 5, 2, 16), torch.randn(2, 5, 2, 16)
+    torch.ops.aiter.flash_attn_func(q, k, v, 0.0, None, True, [4, -1, 1], backend="triton")
+    call = seen[-1]
+    assert (call.window_left, call.window_right, call.sink_size) == (4, 0, 1)
+
+
+# -- Call -> kernel launch (kernels replaced by recorders) ----------------------------------------------
 
 
 @pytest.fixture
-def fake_kernels(monkeypatch):
-    calls = SimpleNamespace(fwd=[], bwd=[])
-
-    def flash_fwd(q, k, v, **kw):
-        calls.fwd.append(SimpleNamespace(q=q, k=k, v=v, **kw))
-        varlen = kw.get("cu_seqlens_q") is not None
-        hq = q.shape[-2]
-        out = kw.get("out")
-        if out is None:
-            out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
-        out.fill_(1.0)
-        lse = torch.zeros(hq, q.shape[0]) if varlen else torch.zeros(q.shape[0], hq, q.shape[1])
-        return out, lse, None
-
-    def flash_bwd(do, q, k, v, out, lse, **kw):
-        calls.bwd.append(SimpleNamespace(do=do, q=q, k=k, v=v, out=out, lse=lse, **kw))
-        dq = kw.get("dq") if kw.get("dq") is not None else torch.empty_like(q)
-        dk = kw.get("dk") if kw.get("dk") is not None else torch.empty_like(k)
-        dv = kw.get("dv") if kw.get("dv") is not None else torch.empty_like(v)
-        for t in (dq, dk, dv):
-            t.fill_(2.0)
-        hq = q.shape[-2]
-        delta = torch.zeros_like(lse)
-        dsink = torch.full((hq,), 5.0) if kw.get("sink") is not None else None
-        dbias = torch.full(kw["bias"].shape, 6.0) if kw.get("compute_dbias") else None
-        return dq, dk, dv, delta, dsink, dbias
-
-    monkeypatch.setattr("aiter_mha.triton.fwd.flash_fwd", flash_fwd)
-    monkeypatch.setattr("aiter_mha.triton.bwd.flash_bwd", flash_bwd)
-    # a private registry so triton counts as available here whatever this process saw first
+def launches(monkeypatch):
+    """Replaces the Triton kernels by recorders: each launch is recorded as name -> argument."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    reg = fresh_registry()
-    monkeypatch.setattr(mha_ops, "dispatch", reg.dispatch)
+    from aiter_mha.triton import launch
+
+    calls = SimpleNamespace(fwd=[], dkdv=[], dq=[], pre=[])
+
+    class Recorder:
+        def __init__(self, kernel, sink):
+            self.arg_names, self.sink = kernel.arg_names, sink
+
+        def __getitem__(self, grid):
+            def record(*args, **kwargs):
+                self.sink.append(SimpleNamespace(grid=grid, **dict(zip(self.arg_names, args)), **kwargs))
+
+            return record
+
+    for name, sink in (("flash_fwd_kernel", calls.fwd), ("bwd_dkdv_kernel", calls.dkdv), ("bwd_dq_kernel", calls.dq),
+                       ("bwd_preprocess_kernel", calls.pre)):
+        monkeypatch.setattr(launch, name, Recorder(getattr(launch, name), sink))
     return calls
 
 
-def test_triton_adaptor_dense_forward_and_backward_mapping(fake_kernels):
+def test_dense_forward_and_backward_reach_the_kernels(launches):
     q = torch.randn(2, 4, 4, 16, requires_grad=True)
     k = torch.randn(2, 6, 2, 16, requires_grad=True)
     v = torch.randn(2, 6, 2, 16, requires_grad=True)
@@ -154,42 +163,59 @@ def test_triton_adaptor_dense_forward_and_backward_mapping(fake_kernels):
     out = aiter_mha.flash_attn_func(q, k, v, dropout_p=0.1, softmax_scale=0.5, causal=True, window_size=(3, -1, 1),
                                     bias=bias, alibi_slopes=slopes, sink_ptr=sink, logits_soft_cap=4.0,
                                     deterministic=True, backend="triton")
-    f = fake_kernels.fwd[-1]
-    assert f.softmax_scale == 0.5 and f.causal and f.window == (3, 0, 1) and f.softcap == 4.0
-    assert f.sink is sink and f.bias is bias and f.alibi_slopes is slopes and f.dropout_p == 0.1
-    assert f.rng_state.dtype == torch.int64 and f.rng_state.shape == (2,) and f.return_lse
-    assert getattr(f, "cu_seqlens_q", None) is None and torch.all(out == 1)
+    f = launches.fwd[-1]
+    assert f.HAS_WINDOW and f.HAS_LEFT and (f.win_left, f.win_right, f.sink_size) == (3, 0, 1)
+    assert f.HAS_SOFTCAP and f.softcap_inv_scale == 0.5 / 4.0 and f.HAS_BIAS and f.bias is bias
+    assert f.HAS_ALIBI and f.HAS_SINK and f.sink is sink and f.HAS_DROPOUT and f.dropout_p == 0.1
+    assert f.rng_state.dtype == torch.int64 and f.rng_state.shape == (2,) and f.STORE_LSE
+    assert not f.IS_VARLEN and not f.PAGED and f.Out is not None and f.grid == (1, 4, 2)
     out.sum().backward()
-    b = fake_kernels.bwd[-1]
-    assert b.deterministic and b.compute_dbias and b.window == (3, 0, 1) and b.softcap == 4.0
+    b = launches.dkdv[-1]
+    assert b.DBIAS_MODE == 2  # deterministic: a per-(batch, head) buffer reduced in a fixed order
+    assert (b.win_left, b.win_right, b.sink_size) == (3, 0, 1) and b.HAS_SOFTCAP and b.HAS_DROPOUT
     assert torch.equal(b.rng_state, f.rng_state)  # the backward replays the forward's dropout
-    assert torch.all(q.grad == 2) and torch.all(sink.grad == 5) and torch.all(bias.grad == 6)
+    assert launches.pre[-1].HAS_SINK and launches.dq[-1].REVERSE_M
+    assert q.grad is not None and sink.grad is not None and bias.grad is not None
 
 
-def test_triton_adaptor_batch_padding_becomes_padded_varlen(fake_kernels):
+def test_batch_padding_becomes_padded_varlen(launches):
     q, k, v = torch.randn(2, 4, 2, 16), torch.randn(2, 6, 2, 16), torch.randn(2, 6, 2, 16)
     cu_q = torch.tensor([0, 4, 7], dtype=torch.int32)
     out, lse = aiter_mha.flash_attn_func(q, k, v, cu_seqlens_q=cu_q, return_lse=True, backend="triton")
-    f = fake_kernels.fwd[-1]
-    assert f.q.shape == (8, 2, 16) and f.k.shape == (12, 2, 16)
+    f = launches.fwd[-1]
+    assert f.Q.shape == (8, 2, 16) and f.K.shape == (12, 2, 16) and f.IS_VARLEN and f.HAS_SEQSTART
     assert torch.equal(f.seqstart_q, torch.tensor([0, 4, 8], dtype=torch.int32))
     assert torch.equal(f.seqstart_k, torch.tensor([0, 6, 12], dtype=torch.int32))
     assert f.cu_seqlens_q is cu_q and torch.equal(f.cu_seqlens_k, f.seqstart_k)  # full key lengths
-    assert f.max_seqlen_q == 4 and f.max_seqlen_k == 6
+    assert f.grid == (1, 2, 2) and f.dmask_cols == 6 and f.K_LEN_MODE == 1
     assert out.shape == (2, 4, 2, 16) and lse.shape == (2, 2, 4)
-    assert torch.isneginf(lse[1, :, 3]).all() and (lse[1, :, :3] == 0).all()  # row past length 3
+    assert torch.isneginf(lse[1, :, 3]).all()  # row past length 3
 
 
-def test_triton_adaptor_varlen_paged_mapping(fake_kernels):
+def test_paged_varlen_and_kvcache_reach_the_kernel(launches):
     cu_q = torch.tensor([0, 1, 3], dtype=torch.int32)
     cu_k = torch.tensor([0, 5, 12], dtype=torch.int32)
     q = torch.randn(3, 4, 16)
     k_cache, v_cache = torch.randn(6, 4, 2, 16), torch.randn(6, 4, 2, 16)
     table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
-    aiter_mha.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 2, 12, causal=True, block_table=table, backend="triton")
-    f = fake_kernels.fwd[-1]
-    assert f.block_table is table and f.cu_seqlens_k is cu_k and f.max_seqlen_q == 2 and f.max_seqlen_k == 12
-    assert getattr(f, "seqstart_q", None) is None and f.window == (-1, 0, 0)
+    with torch.no_grad():
+        aiter_mha.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 2, 12, causal=True, block_table=table,
+                                         backend="triton")
+    f = launches.fwd[-1]
+    assert f.block_table is table and f.cu_seqlens_k is cu_k and f.PAGED and f.K_LEN_MODE == 1
+    assert (f.page_size, f.num_logical_blocks, f.num_physical_blocks) == (4, 3, 6) and not f.HAS_SEQSTART
+    assert f.grid == (1, 4, 2) and f.win_right == 0 and not f.HAS_LEFT
+    lens = torch.tensor([5, 7], dtype=torch.int32)
+    aiter_mha.flash_attn_with_kvcache(torch.randn(2, 1, 4, 16), k_cache, v_cache, cache_seqlens=lens,
+                                      block_table=table[:, :2], backend="triton")
+    f = launches.fwd[-1]
+    assert f.PAGED and not f.IS_VARLEN and f.K_LEN_MODE == 2 and f.seqlens_k is lens and f.dmask_cols == 8
+    # a contiguous cache: one page of the whole capacity per sequence, row b for sequence b
+    aiter_mha.flash_attn_with_kvcache(torch.randn(2, 1, 4, 16), k_cache.reshape(3, 8, 2, 16),
+                                      v_cache.reshape(3, 8, 2, 16), cache_seqlens=3, backend="triton")
+    f = launches.fwd[-1]
+    assert f.PAGED and f.page_size == 8 and f.num_physical_blocks == 3 and f.block_table.tolist() == [[0], [1]]
+    assert f.seqlens_k.tolist() == [3, 3]
 
 
 @pytest.mark.interpreter
@@ -211,3 +237,39 @@ def test_bench_sweep_machinery_on_cpu(monkeypatch, tmp_path):
     assert {r["op"] for r in ours} == {"fwd", "bwd"} and all(r["tflops"] > 0 and not r.get("error") for r in ours)
     assert all(r["b"] == 2 and r["h"] == 2 and r["s"] == 32 and r["causal"] for r in ours)
     assert (tmp_path / "mha.md").exists()
+
+
+def test_config_overrides_reach_their_kernel(launches, monkeypatch):
+    """AITER_MHA_FWD_CONFIG, AITER_MHA_BWD_DKDV_CONFIG and AITER_MHA_BWD_DQ_CONFIG each replace the
+    fields they name of one kernel's config (aiter_core.configs' syntax), nothing else."""
+    from aiter_mha.triton.launch import bwd_tiles, fwd_tiles
+
+    q = torch.randn(1, 40, 2, 64, requires_grad=True)
+    k, v = torch.randn(1, 40, 2, 64, requires_grad=True), torch.randn(1, 40, 2, 64, requires_grad=True)
+    call_key = aiter_mha.checks.flash_attn_func(q, k, v).key
+    default_fwd, (default_kv, default_q) = fwd_tiles(call_key), bwd_tiles(call_key._replace(backward=True))
+    monkeypatch.setenv("AITER_MHA_FWD_CONFIG", "BLOCK_N=16,num_stages=1")
+    monkeypatch.setenv("AITER_MHA_BWD_DQ_CONFIG", "BLOCK_M=32")
+    out = aiter_mha.flash_attn_func(q, k, v, backend="triton")
+    out.sum().backward()
+    f, kv, dq = launches.fwd[-1], launches.dkdv[-1], launches.dq[-1]
+    assert (f.BLOCK_M, f.BLOCK_N, f.num_stages, f.num_warps) == (default_fwd.BLOCK_M, 16, 1, default_fwd.num_warps)
+    assert (kv.BLOCK_M, kv.BLOCK_N, kv.num_stages) == (default_kv.BLOCK_M, default_kv.BLOCK_N, default_kv.num_stages)
+    assert (dq.BLOCK_M, dq.BLOCK_N) == (32, default_q.BLOCK_N)
+    monkeypatch.setenv("AITER_MHA_BWD_DKDV_CONFIG", "BLOCK_M=64,num_warps=4")
+    monkeypatch.setenv("AITER_MHA_FWD_CONFIG", "BLOCK_Q=16")
+    with pytest.raises(ValueError, match="AITER_MHA_FWD_CONFIG: unknown field"):
+        aiter_mha.flash_attn_func(q, k, v, backend="triton")
+    monkeypatch.delenv("AITER_MHA_FWD_CONFIG")
+    aiter_mha.flash_attn_func(q, k, v, backend="triton").sum().backward()
+    assert (launches.dkdv[-1].BLOCK_M, launches.dkdv[-1].num_warps) == (64, 4)
+
+
+def test_dq_atomic_switch(launches, monkeypatch):
+    q, k, v = (torch.randn(1, 40, 2, 64, requires_grad=True) for _ in range(3))
+    monkeypatch.setenv("AITER_MHA_DQ_ATOMIC", "1")
+    launches.dq.clear()
+    aiter_mha.flash_attn_func(q, k, v, deterministic=False, backend="triton").sum().backward()
+    assert launches.dkdv[-1].DQ_ATOMIC and launches.dq == []  # dQ accumulated by the dK/dV kernel
+    aiter_mha.flash_attn_func(q, k, v, deterministic=True, backend="triton").sum().backward()
+    assert not launches.dkdv[-1].DQ_ATOMIC and len(launches.dq) == 1  # never with deterministic=True

@@ -109,8 +109,8 @@ def _fwd_cases():
 @pytest.mark.parametrize("name,cfg,dims,features,elem", _fwd_cases(), ids=[c[0] for c in _fwd_cases()])
 def test_forward_compiles_for_sm90(name, cfg, dims, features, elem):
     constexprs = dict(FWD_FLAGS_OFF, **features, **_blocks(*dims),
-                      BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-    kernel = _compile(flash_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"], elem=elem)
+                      BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N)
+    kernel = _compile(flash_fwd_kernel, constexprs, cfg.num_warps, cfg.num_stages, elem=elem)
     assert kernel.metadata.shared <= H100_SMEM_PER_BLOCK, (name, kernel.metadata.shared)
     assert "wgmma" in kernel.asm["ptx"], f"{name}: expected Hopper wgmma instructions"
 
@@ -142,14 +142,14 @@ def test_backward_compiles_for_sm90(name, bucket, dims, features):
     split_group = features.pop("SPLIT_GROUP", False)
     dq_atomic = features.pop("DQ_ATOMIC", False)
     base = dict(BWD_FLAGS_OFF, **features, **_blocks(*dims))
-    dkdv = _compile(bwd_dkdv_kernel, dict(base, BLOCK_M=cfg_kv["BLOCK_M"], BLOCK_N=cfg_kv["BLOCK_N"],
+    dkdv = _compile(bwd_dkdv_kernel, dict(base, BLOCK_M=cfg_kv.BLOCK_M, BLOCK_N=cfg_kv.BLOCK_N,
                                           DBIAS_MODE=1 if features.get("HAS_BIAS") else 0,
                                           SPLIT_GROUP=split_group,
                                           TAIL_Q=features.get("IS_VARLEN", False), DQ_ATOMIC=dq_atomic),
-                    cfg_kv["num_warps"], cfg_kv["num_stages"])
-    dq = _compile(bwd_dq_kernel, dict(base, BLOCK_M=cfg_q["BLOCK_M"], BLOCK_N=cfg_q["BLOCK_N"],
+                    cfg_kv.num_warps, cfg_kv.num_stages)
+    dq = _compile(bwd_dq_kernel, dict(base, BLOCK_M=cfg_q.BLOCK_M, BLOCK_N=cfg_q.BLOCK_N,
                                       REVERSE_M=features.get("HAS_WINDOW", False)),
-                  cfg_q["num_warps"], cfg_q["num_stages"])
+                  cfg_q.num_warps, cfg_q.num_stages)
     for kernel in (dkdv, dq):
         assert kernel.metadata.shared <= H100_SMEM_PER_BLOCK, (name, kernel.metadata.shared)
 

@@ -22,19 +22,27 @@ pytestmark = [
                        reason="Triton kernels need TRITON_INTERPRET=1 (CPU interpreter) or a CUDA device"),
 ]
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 from aiter_mha.reference import (  # noqa: E402
     attention_ref,
     attention_ref_varlen,
     dropout_mask_from_s_dmask,
     gather_paged_kv,
 )
-from aiter_mha.triton import flash_bwd, flash_fwd  # noqa: E402
+from aiter_mha.triton.configs import TileConfig  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_calls import run_bwd as flash_bwd  # noqa: E402
+from kernel_calls import run_fwd as flash_fwd  # noqa: E402
+from kernel_calls import run_paged_fwd  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.float16 if CUDA else torch.float32
 # small tiles under the interpreter: several blocks per sequence even at S < 70
-FWD_CFG = None if CUDA else dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
-BWD_CFG = None if CUDA else dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+FWD_CFG = None if CUDA else TileConfig(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+BWD_CFG = None if CUDA else TileConfig(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
 FLOOR = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 1e-2)}  # (forward, gradients)
 
 
@@ -259,8 +267,8 @@ def test_paged_kv_forward(query_layout):
     k, v, cu_k = gather_paged_kv(cache_k, cache_v, table, seqlens_k)
     if query_layout == "dense":
         q = _rand(2, 9, Hq, D, gen=gen)
-        out, lse, _ = flash_fwd(q, cache_k, cache_v, softmax_scale=0.25, causal=True, block_table=table,
-                                seqlens_k=seqlens_k, config=FWD_CFG)
+        out, lse = run_paged_fwd(q, cache_k, cache_v, table, softmax_scale=0.25, causal=True, seqlens_k=seqlens_k,
+                                 config=FWD_CFG)
         for b in range(2):
             s = slice(int(cu_k[b]), int(cu_k[b + 1]))
             o_ref, _, l_ref = attention_ref(q[b:b + 1], k[None, s], v[None, s], softmax_scale=0.25, causal=True)
@@ -269,9 +277,8 @@ def test_paged_kv_forward(query_layout):
     else:
         cu_q = torch.tensor([0, 6, 9], dtype=torch.int32, device=DEVICE)
         q = _rand(9, Hq, D, gen=gen)
-        out, lse, _ = flash_fwd(q, cache_k, cache_v, softmax_scale=0.25, causal=True, block_table=table,
-                                cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=6, max_seqlen_k=33,
-                                config=FWD_CFG)
+        out, lse = run_paged_fwd(q, cache_k, cache_v, table, softmax_scale=0.25, causal=True, cu_seqlens_q=cu_q,
+                                 cu_seqlens_k=cu_k, max_seqlen_q=6, max_seqlen_k=33, config=FWD_CFG)
         o_ref, l_ref = attention_ref_varlen(q, k, v, cu_q, cu_k, softmax_scale=0.25, causal=True)
         _assert_fa_close("out", out, o_ref, o_ref, 2, FLOOR[DTYPE][0])
         torch.testing.assert_close(lse, l_ref, atol=1e-4, rtol=1e-4)
@@ -339,3 +346,54 @@ def test_varlen_dropout_mask_layout_and_gradients():
     o_ref.backward(do)
     for name, g, leaf in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves):
         _assert_fa_close(name, g, leaf.grad, leaf.grad, 10, FLOOR[DTYPE][1])
+
+
+@pytest.mark.parametrize("query_layout", ["dense", "varlen"])
+@pytest.mark.parametrize("bad_id", ["negative", "past_the_pool"])
+def test_paged_bad_block_ids_are_skipped_not_read(query_layout, bad_id):
+    """A block id outside [0, num_blocks) makes its keys invalid (aiter_core.triton_attn.paged_block_lookup,
+    the rule of every family): they are skipped, never read. The pool is a slice of a larger tensor
+    poisoned with NaN on both sides, so a read just outside it would show up in the output."""
+    import aiter_mha
+
+    gen = torch.Generator().manual_seed(71)
+    Hq, Hk, D, page, nb = 4, 2, 16, 4, 6
+    storage_k = torch.full((nb + 2, page, Hk, D), float("nan"), dtype=DTYPE, device=DEVICE)
+    storage_v = torch.full((nb + 2, page, Hk, D), float("nan"), dtype=DTYPE, device=DEVICE)
+    k_cache, v_cache = storage_k[1 : nb + 1], storage_v[1 : nb + 1]
+    k_cache.copy_(_rand(nb, page, Hk, D, gen=gen))
+    v_cache.copy_(_rand(nb, page, Hk, D, gen=gen))
+    bad = -1 if bad_id == "negative" else nb  # reads storage block 0 / nb + 1: NaN
+    table = torch.tensor([[0, bad, 2], [3, 4, 5]], dtype=torch.int32, device=DEVICE)
+    lens = [11, 10]
+    seqlens_k = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    # the keys that count: sequence 0 loses its second block (keys 4..7)
+    keep_rows = [[r for r in range(11) if not 4 <= r < 8], list(range(10))]
+    if query_layout == "dense":
+        q = _rand(2, 3, Hq, D, gen=gen)
+        out, lse = run_paged_fwd(q, k_cache, v_cache, table, softmax_scale=0.25, causal=False, seqlens_k=seqlens_k,
+                                 config=FWD_CFG)
+        want = aiter_mha.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens_k, block_table=table,
+                                                 softmax_scale=0.25, causal=False, backend="reference")
+        q_rows = [q[b] for b in range(2)]
+        got_rows = [out[b] for b in range(2)]
+    else:
+        cu_q = torch.tensor([0, 3, 5], dtype=torch.int32, device=DEVICE)
+        cu_k = torch.tensor([0, 11, 21], dtype=torch.int32, device=DEVICE)
+        q = _rand(5, Hq, D, gen=gen)
+        out, lse = run_paged_fwd(q, k_cache, v_cache, table, softmax_scale=0.25, causal=False, cu_seqlens_q=cu_q,
+                                 cu_seqlens_k=cu_k, max_seqlen_q=3, max_seqlen_k=11, config=FWD_CFG)
+        with torch.no_grad():
+            want = aiter_mha.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 3, 11, softmax_scale=0.25,
+                                                    block_table=table, backend="reference")
+        q_rows = [q[0:3], q[3:5]]
+        got_rows = [out[0:3], out[3:5]]
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all(), "a key outside the pool was read"
+    _assert_fa_close("out vs reference backend", out, want, want, 2, FLOOR[DTYPE][0])
+    for b in range(2):  # independently: attention over the valid keys only
+        pos = torch.tensor(keep_rows[b], device=DEVICE)
+        blocks = table[b].long()[pos // page]
+        keys = k_cache[blocks, pos % page][None]
+        vals = v_cache[blocks, pos % page][None]
+        ref = attention_ref(q_rows[b][None], keys, vals, softmax_scale=0.25)[0][0]
+        _assert_fa_close(f"sequence {b}", got_rows[b], ref, ref, 2, FLOOR[DTYPE][0])

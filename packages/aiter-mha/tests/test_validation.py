@@ -1,14 +1,14 @@
 """Bad input fails at the API boundary with TypeError/ValueError naming the argument (tier 1).
 
 Each case checks the exception type and that the message names the argument, the expectation
-and what came. A monkeypatched dispatch proves no backend ran.
+and what came. A monkeypatched registry proves no backend ran.
 """
 
 import pytest
 import torch
 
 import aiter_mha
-import aiter_mha.ops as mha_ops
+from aiter_core.registry import get_registry
 
 
 @pytest.fixture(autouse=True)
@@ -16,7 +16,7 @@ def no_backend_may_run(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a backend was dispatched for invalid input")
 
-    monkeypatch.setattr(mha_ops, "dispatch", forbidden)
+    monkeypatch.setattr(get_registry(), "run", forbidden)
 
 
 def qkv(b=2, sq=4, sk=6, hq=4, hk=2, d=16, dv=16, dtype=torch.float16):
@@ -291,3 +291,84 @@ def test_kvcache_arguments():
         aiter_mha.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=1, cache_leftpad=torch.zeros(2, dtype=torch.int32))
     with expect(TypeError, "cache_seqlens must", "paged cache", "None"):
         aiter_mha.flash_attn_with_kvcache(q, k_cache, v_cache, block_table=torch.zeros(2, 4, dtype=torch.int32))
+
+
+# -- torch.ops.aiter.<op> called directly validates like the public function ---------------------------
+
+
+def _direct_cases():
+    """op -> (public call, the same call through torch.ops.aiter.<op>), each with a v of the wrong dtype."""
+    q, k, v = qkv()
+    v_bad = v.to(torch.bfloat16)
+    qp, kp, vp, cu = varlen()
+    vp_bad = vp.to(torch.bfloat16)
+    fp8 = torch.float8_e4m3fn
+    q8, k8 = q.to(fp8), k.to(fp8)
+    d = torch.ones(1)
+    out, lse = torch.randn(2, 4, 4, 16).half(), torch.randn(2, 4, 4)
+    out_p, lse_p = torch.randn(7, 4, 16).half(), torch.randn(4, 7)
+    kc, vc = torch.randn(2, 8, 2, 16).half(), torch.randn(2, 8, 2, 16).bfloat16()
+    q1 = torch.randn(2, 1, 4, 16).half()
+    lens = torch.tensor([3, 5], dtype=torch.int32)
+    ops = torch.ops.aiter
+    return {
+        "mha_fwd": (lambda: aiter_mha.mha_fwd(q, k, v_bad, 0.0, 0.25, False, -1, -1, 0, True, False),
+                    lambda: ops.mha_fwd(q, k, v_bad, 0.0, 0.25, False, -1, -1, 0, True, False)),
+        "mha_varlen_fwd": (
+            lambda: aiter_mha.mha_varlen_fwd(qp, kp, vp_bad, cu, cu, 4, 4, 0, 0.0, 0.25, 0.0, False, False, -1, -1, 0,
+                                             True, False),
+            lambda: ops.mha_varlen_fwd(qp, kp, vp_bad, cu, cu, 4, 4, 0, 0.0, 0.25, 0.0, False, False, -1, -1, 0, True,
+                                       False)),
+        "mha_bwd": (lambda: aiter_mha.mha_bwd(out, q, k, v_bad, out, lse, 0.0, 0.25, False, -1, -1, False),
+                    lambda: ops.mha_bwd(out, q, k, v_bad, out, lse, 0.0, 0.25, False, -1, -1, False)),
+        "mha_varlen_bwd": (
+            lambda: aiter_mha.mha_varlen_bwd(out_p, qp, kp, vp_bad, out_p, lse_p, cu, cu, 4, 4, 0.0, 0.25, False,
+                                             False, -1, -1, False),
+            lambda: ops.mha_varlen_bwd(out_p, qp, kp, vp_bad, out_p, lse_p, cu, cu, 4, 4, 0.0, 0.25, False, False, -1,
+                                       -1, False)),
+        "flash_attn_func": (lambda: aiter_mha.flash_attn_func(q, k, v_bad),
+                            lambda: ops.flash_attn_func(q, k, v_bad)),
+        "flash_attn_varlen_func": (lambda: aiter_mha.flash_attn_varlen_func(qp, kp, vp_bad, cu, cu, 4, 4),
+                                   lambda: ops.flash_attn_varlen_func(qp, kp, vp_bad, cu, cu, 4, 4)),
+        "flash_attn_fp8_pertensor_func": (
+            lambda: aiter_mha.flash_attn_fp8_pertensor_func(q8, k8, v_bad, d, d, d),
+            lambda: ops.flash_attn_fp8_pertensor_func(q8, k8, v_bad, d, d, d)),
+        "flash_attn_varlen_fp8_pertensor_func": (
+            lambda: aiter_mha.flash_attn_varlen_fp8_pertensor_func(qp.to(fp8), kp.to(fp8), vp_bad, d, d, d, cu, cu, 4,
+                                                                   4),
+            lambda: ops.flash_attn_varlen_fp8_pertensor_func(qp.to(fp8), kp.to(fp8), vp_bad, d, d, d, cu, cu, 4, 4)),
+        "flash_attn_fp8_func": (lambda: aiter_mha.flash_attn_fp8_func(q, k, v_bad),
+                                lambda: ops.flash_attn_fp8_func(q, k, v_bad)),
+        "flash_attn_varlen_fp8_func": (lambda: aiter_mha.flash_attn_varlen_fp8_func(qp, kp, vp_bad, cu, cu, 4, 4),
+                                       lambda: ops.flash_attn_varlen_fp8_func(qp, kp, vp_bad, cu, cu, 4, 4)),
+        "flash_attn_with_kvcache": (lambda: aiter_mha.flash_attn_with_kvcache(q1, kc, vc, cache_seqlens=lens),
+                                    lambda: ops.flash_attn_with_kvcache(q1, kc, vc, cache_seqlens=lens)),
+    }
+
+
+def test_every_op_has_a_direct_call_case():
+    from aiter_mha.ops import OPS
+
+    assert set(_direct_cases()) == set(OPS)
+
+
+@pytest.mark.parametrize("op", sorted(_direct_cases()))
+def test_direct_torch_ops_call_validates_like_the_public_function(op):
+    public, direct = _direct_cases()[op]
+    with pytest.raises((TypeError, ValueError)) as via_api:
+        public()
+    with pytest.raises((TypeError, ValueError)) as via_torch_ops:
+        direct()
+    assert type(via_torch_ops.value) is type(via_api.value)
+    assert str(via_torch_ops.value) == str(via_api.value)
+    assert "must have dtype" in str(via_api.value) and "bfloat16" in str(via_api.value)
+
+
+def test_direct_torch_ops_call_checks_values_the_schema_lets_through():
+    q, k, v = qkv()
+    with expect(ValueError, "alibi_slopes must", "(4,) or (2, 4)", "(3,)"):
+        torch.ops.aiter.flash_attn_func(q, k, v, alibi_slopes=torch.rand(3))
+    with expect(ValueError, "dropout_p must", "< 1.0"):
+        torch.ops.aiter.mha_fwd(q, k, v, 1.5, 0.25, False, -1, -1, 0, True, False)
+    with expect(ValueError, "window_size[2] (sink_size)", ">= 0", "-1"):
+        torch.ops.aiter.mha_fwd(q, k, v, 0.0, 0.25, False, 3, -1, -1, True, False)

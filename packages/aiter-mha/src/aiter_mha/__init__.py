@@ -15,11 +15,11 @@ _EXPORTS = {
     "mha_varlen_fwd": "api",
     "mha_bwd": "api",
     "mha_varlen_bwd": "api",
-    "flash_attn_fp8_func": "fp8",
-    "flash_attn_varlen_fp8_func": "fp8",
+    "flash_attn_fp8_func": "api",
+    "flash_attn_varlen_fp8_func": "api",
+    "flash_attn_with_kvcache": "api",
     "quantize_bshd_per_kv_head": "fp8",
     "quantize_thd_per_kv_head": "fp8",
-    "flash_attn_with_kvcache": "kvcache",
     "apply_rotary": "kvcache",
 }
 

@@ -9,6 +9,10 @@ to the best peer and to the measured bf16 matmul ceiling. Writes a terminal tabl
 ``<stem>.json`` / ``.md`` / ``.png`` into ``--out`` (stem ``mha`` unless ``--stem``).
 
 Without a GPU it runs the family's correctness smoke test instead (timing needs a device).
+
+``host_cases`` / ``warmup_cases`` feed ``aiter bench host`` (host microseconds per eager call of
+every public function, next to torch SDPA) and ``aiter warmup`` (compiling the default kernel
+specialisations ahead of serving).
 """
 
 from __future__ import annotations
@@ -139,6 +143,133 @@ def _refcheck(name, out, want, grads=None, want_grads=None):
         if not e <= 5e-2:
             return f"{name} {g_name} differs from SDPA: max rel err {e:.3g}"
     return None
+
+
+# -- host cost and warmup (aiter_core.host) -----------------------------------------------------------
+
+
+def _host_dtype(device):
+    import torch
+
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float16
+
+
+def host_cases(device):
+    """One eager call per public function at a tiny shape (a few microseconds of GPU work), inputs
+    built once, outputs preallocated where the API writes them. On the CPU (Triton interpreter)
+    fp16, with fewer rows; the fp8 functions run there through the reference backend."""
+    import torch
+
+    from aiter_core.host import HostCase
+
+    from . import api
+
+    device = torch.device(device)
+    dtype = _host_dtype(device)
+    seqlen = 128 if device.type == "cuda" else 16
+    heads, dim, batch = 8, 64, 1
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dt)
+
+    q, k, v = (rnd(batch, seqlen, heads, dim) for _ in range(3))
+    qp, kp, vp = (x[0] for x in (q, k, v))
+    cu = torch.tensor([0, seqlen], dtype=torch.int32, device=device)
+    out = torch.empty_like(q)
+    out_p = torch.empty_like(qp)
+    _, lse, _, _ = api.mha_fwd(q, k, v, 0.0, dim ** -0.5, True, -1, -1, 0, True, False, out=out)
+    _, lse_p, _, _ = api.mha_varlen_fwd(qp, kp, vp, cu, cu, seqlen, seqlen, 0, 0.0, dim ** -0.5, 0.0, False, True,
+                                        -1, -1, 0, True, False, out=out_p)
+    dout, dout_p = rnd(*q.shape), rnd(*qp.shape)
+    dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+    dq_p, dk_p, dv_p = (torch.empty_like(x) for x in (qp, kp, vp))
+    fp8 = torch.float8_e4m3fn
+    q8, k8, v8 = (x.to(fp8) for x in (q, k, v))
+    descale = torch.ones(1, dtype=torch.float32, device=device)
+    page, cache_len = 16, 4 * seqlen
+    k_cache, v_cache = rnd(cache_len // page, page, heads, dim), rnd(cache_len // page, page, heads, dim)
+    table = torch.arange(cache_len // page, dtype=torch.int32, device=device)[None]
+    cache_seqlens = torch.tensor([cache_len - 3], dtype=torch.int32, device=device)
+    q1 = rnd(batch, 1, heads, dim)
+    scale = dim ** -0.5
+    return [
+        HostCase("flash_attn_func", lambda: api.flash_attn_func(q, k, v, causal=True), "prefill"),
+        HostCase("flash_attn_varlen_func",
+                 lambda: api.flash_attn_varlen_func(qp, kp, vp, cu, cu, seqlen, seqlen, causal=True), "prefill"),
+        HostCase("flash_attn_fp8_pertensor_func",
+                 lambda: api.flash_attn_fp8_pertensor_func(q8, k8, v8, descale, descale, descale, causal=True),
+                 "prefill"),
+        HostCase("flash_attn_varlen_fp8_pertensor_func",
+                 lambda: api.flash_attn_varlen_fp8_pertensor_func(q8[0], k8[0], v8[0], descale, descale, descale, cu,
+                                                                  cu, seqlen, seqlen, causal=True), "prefill"),
+        HostCase("flash_attn_fp8_func", lambda: api.flash_attn_fp8_func(q, k, v, causal=True), "prefill"),
+        HostCase("flash_attn_varlen_fp8_func",
+                 lambda: api.flash_attn_varlen_fp8_func(qp, kp, vp, cu, cu, seqlen, seqlen, causal=True), "prefill"),
+        HostCase("flash_attn_with_kvcache",
+                 lambda: api.flash_attn_with_kvcache(q1, k_cache, v_cache, cache_seqlens=cache_seqlens,
+                                                     block_table=table), "decode"),
+        HostCase("mha_fwd", lambda: api.mha_fwd(q, k, v, 0.0, scale, True, -1, -1, 0, True, False, out=out), "prefill"),
+        HostCase("mha_varlen_fwd",
+                 lambda: api.mha_varlen_fwd(qp, kp, vp, cu, cu, seqlen, seqlen, 0, 0.0, scale, 0.0, False, True, -1,
+                                            -1, 0, True, False, out=out_p), "prefill"),
+        HostCase("mha_bwd", lambda: api.mha_bwd(dout, q, k, v, out, lse, 0.0, scale, True, -1, -1, True, dq=dq, dk=dk,
+                                                dv=dv), "prefill"),
+        HostCase("mha_varlen_bwd",
+                 lambda: api.mha_varlen_bwd(dout_p, qp, kp, vp, out_p, lse_p, cu, cu, seqlen, seqlen, 0.0, scale, False,
+                                            True, -1, -1, True, dq=dq_p, dk=dk_p, dv=dv_p), "prefill"),
+    ]
+
+
+def warmup_cases(device):
+    """Calls that compile the kernel specialisations users hit first: bf16 and fp16, head dims 64 and
+    128, causal and not; dense training (forward + the three backward kernels), packed varlen
+    training, paged KV-cache decode (16-token blocks), and the fp8 forward."""
+    import torch
+
+    from aiter_core.host import HostCase
+
+    from . import api
+
+    device = torch.device(device)
+    dtypes = (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float16,)
+    heads, seqlen, page = 8, 256, 16
+    cases = []
+
+    def training(fn, *tensors):
+        def call():
+            leaves = [t.detach().requires_grad_() for t in tensors]
+            out = fn(*leaves)
+            out.backward(torch.ones_like(out))
+        return call
+
+    for dtype in dtypes:
+        for dim in (64, 128):
+            def rnd(*shape, dtype=dtype):
+                return torch.randn(*shape, device=device, dtype=torch.float32).to(dtype)
+
+            q, k, v = (rnd(2, seqlen, heads, dim) for _ in range(3))
+            cu = torch.tensor([0, seqlen - 16, 2 * seqlen], dtype=torch.int32, device=device)
+            for causal in (False, True):
+                cases.append(HostCase("flash_attn_func", training(
+                    lambda q, k, v, causal=causal: api.flash_attn_func(q, k, v, causal=causal), q, k, v), "prefill"))
+                cases.append(HostCase("flash_attn_varlen_func", training(
+                    lambda q, k, v, causal=causal, cu=cu: api.flash_attn_varlen_func(
+                        q, k, v, cu, cu, seqlen + 16, seqlen + 16, causal=causal), q[0].repeat(2, 1, 1),
+                    k[0].repeat(2, 1, 1), v[0].repeat(2, 1, 1)), "prefill"))
+                if device.type == "cuda" and dtype == torch.bfloat16:
+                    cases.append(HostCase("flash_attn_fp8_func",
+                                          lambda q=q, k=k, v=v, causal=causal: api.flash_attn_fp8_func(
+                                              q, k, v, causal=causal), "prefill"))
+            k_cache, v_cache = rnd(64, page, heads, dim), rnd(64, page, heads, dim)
+            table = torch.arange(64, dtype=torch.int32, device=device).reshape(2, 32)
+            lens = torch.tensor([300, 511], dtype=torch.int32, device=device)
+            q1 = rnd(2, 1, heads, dim)
+            cases.append(HostCase("flash_attn_with_kvcache",
+                                  lambda q1=q1, k_cache=k_cache, v_cache=v_cache, table=table, lens=lens:
+                                  api.flash_attn_with_kvcache(q1, k_cache, v_cache, cache_seqlens=lens,
+                                                              block_table=table), "decode"))
+    return cases
 
 
 # -- main ---------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""fp8 attention from high-precision inputs (upstream ``mha_v3.flash_attn_fp8_func`` family).
+"""The quantization behind ``flash_attn_fp8_func`` / ``flash_attn_varlen_fp8_func`` (upstream
+``mha_v3``), shared by both backends.
 
-``flash_attn_fp8_func`` / ``flash_attn_varlen_fp8_func`` take fp16/bf16/fp32 q, k, v, quantize
-them to the arch's e4m3 type (``aiter_core.dtypes.get_fp8``: ``float8_e4m3fn`` on NVIDIA) with
-one scale per (batch or sequence, kv head) - the query heads of a GQA group share their kv
-head's scale - and run the fp8 forward kernel. ``descale = max(amax, 1e-9) / fp8_max``.
+Those functions take fp16/bf16/fp32 q, k, v; their ops quantize them to the arch's e4m3 type
+(``aiter_core.dtypes.get_fp8``: ``float8_e4m3fn`` on NVIDIA) with one scale per (batch or
+sequence, kv head) - the query heads of a GQA group share their kv head's scale - and run the fp8
+forward kernel. ``descale = max(amax, 1e-9) / fp8_max``.
 
 Deviation from upstream: the output has the input's dtype (upstream returns fp32).
 
@@ -20,23 +21,11 @@ import torch
 
 from aiter_core.dtypes import get_fp8
 
-from ._checks import check_bool, check_int, check_tensor
-from .api import (
-    HIGH_PRECISION_DTYPES,
-    _distinct,
-    _validate_dense,
-    _validate_varlen,
-)
+from .checks import PACKED, FwdCall
 
 Tensor = torch.Tensor
 
-__all__ = [
-    "AMAX_FLOOR",
-    "quantize_bshd_per_kv_head",
-    "quantize_thd_per_kv_head",
-    "flash_attn_fp8_func",
-    "flash_attn_varlen_fp8_func",
-]
+__all__ = ["AMAX_FLOOR", "quantize_bshd_per_kv_head", "quantize_thd_per_kv_head", "quantize_call"]
 
 AMAX_FLOOR = 1e-9
 
@@ -83,135 +72,17 @@ def quantize_thd_per_kv_head(x: Tensor, cu_seqlens: Tensor, heads_kv: int, fp8_d
     return x_q.reshape(total, heads, dim), descale
 
 
-def _unsupported(qv, attention_chunk, num_splits, sm_margin) -> None:
-    if qv is not None:
-        raise NotImplementedError("qv: not supported (expected None)")
-    if attention_chunk not in (0, 1):
-        raise NotImplementedError(f"attention_chunk: only 0 or 1 is supported, got {attention_chunk}")
-    check_int("num_splits", num_splits, minimum=0)
-    if num_splits > 1:
-        raise NotImplementedError(f"num_splits: only 0 or 1 is supported, got {num_splits}")
-    if sm_margin != 0:
-        raise NotImplementedError(f"sm_margin: only 0 is supported, got {sm_margin}")
-
-
-class _FP8AttnFunc(torch.autograd.Function):
-    """fp8 forward (quantize, fp8 kernel), straight-through high-precision backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, wl, wr, sink_size, softcap, deterministic,
-                backend):
-        varlen = cu_q is not None
-        if varlen:
-            heads_kv = k.shape[1]
-            q8, qd = quantize_thd_per_kv_head(q, cu_q, heads_kv)
-            k8, kd = quantize_thd_per_kv_head(k, cu_k, heads_kv)
-            v8, vd = quantize_thd_per_kv_head(v, cu_k, heads_kv)
-            # zeros: rows outside every sequence are never written by the kernel
-            out = torch.zeros((q.shape[0], q.shape[1], v.shape[-1]), dtype=q.dtype, device=q.device)
-            _, lse, _, _ = torch.ops.aiter.mha_varlen_fwd(
-                q8, k8, v8, cu_q, cu_k, max_q, max_k, 0, 0.0, scale, softcap, False, causal, wl, wr, sink_size, True,
-                False, out=out, q_descale=qd, k_descale=kd, v_descale=vd, backend=backend,
-            )
-        else:
-            heads_kv = k.shape[2]
-            q8, qd = quantize_bshd_per_kv_head(q, heads_kv)
-            k8, kd = quantize_bshd_per_kv_head(k, heads_kv)
-            v8, vd = quantize_bshd_per_kv_head(v, heads_kv)
-            out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
-            _, lse, _, _ = torch.ops.aiter.mha_fwd(
-                q8, k8, v8, 0.0, scale, causal, wl, wr, sink_size, True, False, out=out, q_descale=qd, k_descale=kd,
-                v_descale=vd, logits_soft_cap=softcap, backend=backend,
-            )
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.args = (max_q, max_k, scale, causal, wl, wr, sink_size, softcap, deterministic, backend)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        max_q, max_k, scale, causal, wl, wr, sink_size, softcap, deterministic, backend = ctx.args
-        dout = dout.contiguous()
-        if cu_q is not None:
-            dq, dk, dv, _ = torch.ops.aiter.mha_varlen_bwd(
-                dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, scale, False, causal, wl, wr, deterministic,
-                sink_size=sink_size, logits_soft_cap=softcap, backend=backend,
-            )
-        else:
-            dq, dk, dv, _ = torch.ops.aiter.mha_bwd(
-                dout, q, k, v, out, lse, 0.0, scale, causal, wl, wr, deterministic, sink_size=sink_size,
-                logits_soft_cap=softcap, backend=backend,
-            )
-        return (dq, dk, dv) + (None,) * 12
-
-
-def flash_attn_fp8_func(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    softmax_scale: Optional[float] = None,
-    causal: bool = False,
-    qv: Optional[Tensor] = None,
-    window_size: tuple = (-1, -1),
-    attention_chunk: int = 0,
-    softcap: float = 0.0,
-    num_splits: int = 1,
-    pack_gqa: Optional[bool] = None,
-    deterministic: bool = False,
-    sm_margin: int = 0,
-    *,
-    backend: Optional[str] = None,
-) -> Tensor:
-    """bshd attention in fp8 from fp16/bf16/fp32 inputs (quantized per (batch, kv head)).
-
-    Returns ``out (B, Sq, Hq, Dv)`` in q's dtype, differentiable (straight-through backward, see
-    the module docstring). ``pack_gqa`` is a hint with no effect; ``softcap`` is supported
-    (upstream raises).
-    """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, x)
-    _unsupported(qv, attention_chunk, num_splits, sm_margin)
-    _, scale, window, _, _, softcap = _validate_dense(
-        q, k, v, dtypes=HIGH_PRECISION_DTYPES, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal,
-        window_size=window_size, bias=None, alibi_slopes=None, sink=None, cu_seqlens_q=None, cu_seqlens_kv=None,
-        logits_soft_cap=softcap,
-    )
-    check_bool("deterministic", deterministic)
-    q, k, v = _distinct(q, k, v)
-    return _FP8AttnFunc.apply(q, k, v, None, None, q.shape[1], k.shape[1], scale, causal, window[0], window[1], window[2],
-                              softcap, deterministic, backend)
-
-
-def flash_attn_varlen_fp8_func(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens_q: Tensor,
-    cu_seqlens_k: Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    softmax_scale: Optional[float] = None,
-    causal: bool = False,
-    window_size: tuple = (-1, -1),
-    attention_chunk: int = 0,
-    softcap: float = 0.0,
-    deterministic: bool = False,
-    sm_margin: int = 0,
-    *,
-    backend: Optional[str] = None,
-) -> Tensor:
-    """thd attention in fp8 from fp16/bf16/fp32 inputs (quantized per (sequence, kv head))."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, x)
-    _unsupported(None, attention_chunk, 0, sm_margin)
-    cu_q, cu_k, _, _, _, scale, softcap, window, lengths = _validate_varlen(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dtypes=HIGH_PRECISION_DTYPES,
-        min_seqlen_q=0, dropout_p=0.0, softmax_scale=softmax_scale, logits_soft_cap=softcap, causal=causal,
-        window_size=window_size, bias=None, alibi_slopes=None, block_table=None, cu_seqlens_q_padded=None,
-        cu_seqlens_k_padded=None, sink=None,
-    )
-    max_seqlen_q, max_seqlen_k, min_seqlen_q = lengths
-    check_bool("deterministic", deterministic)
-    q, k, v, cu_q, cu_k = _distinct(q, k, v, cu_q, cu_k)
-    return _FP8AttnFunc.apply(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale, causal, window[0], window[1],
-                              window[2], softcap, deterministic, backend)
+def quantize_call(call: FwdCall):
+    """q, k, v of an fp8 training op's Call quantized to e4m3 per (batch or sequence, kv head), with
+    their descales: (q8, k8, v8, q_descale, k_descale, v_descale)."""
+    q, k, v = call.q, call.k, call.v
+    heads_kv = k.shape[-2]
+    if call.layout == PACKED:
+        q8, qd = quantize_thd_per_kv_head(q, call.cu_seqlens_q, heads_kv)
+        k8, kd = quantize_thd_per_kv_head(k, call.cu_seqlens_k, heads_kv)
+        v8, vd = quantize_thd_per_kv_head(v, call.cu_seqlens_k, heads_kv)
+    else:
+        q8, qd = quantize_bshd_per_kv_head(q, heads_kv)
+        k8, kd = quantize_bshd_per_kv_head(k, heads_kv)
+        v8, vd = quantize_bshd_per_kv_head(v, heads_kv)
+    return q8, k8, v8, qd, kd, vd

@@ -1,66 +1,90 @@
-"""The four low-level MHA ops as ``torch.ops.aiter.*`` custom ops, and their dispatch.
+"""The ``aiter::`` MHA op table: one ``declare_op`` per op, its fake, and the autograd formulas.
 
-``torch.ops.aiter.mha_fwd``, ``mha_varlen_fwd``, ``mha_bwd`` and ``mha_varlen_bwd`` follow
-upstream's compiled-op signatures (spec §1.3) with three differences forced by torch.library:
+Each op's schema is its checks function's signature (``checks.py``); its body is
+``registry.run(op, checks.<op>(...))``, so ``torch.ops.aiter.<op>(...)`` called directly is
+validated exactly like the public function. Differences from upstream forced by torch.library:
 
-* ``gen`` (a ``torch.Generator``) cannot appear in an op schema. The ops take ``rng_state``
-  ((2,) int64 seed/offset) instead, in the same position; the Python functions in
-  :mod:`aiter_mha.api` keep ``gen`` and turn it into ``rng_state`` on the device.
-* An op may not return a tensor that aliases an input. When ``out`` (or ``dq``/``dk``/``dv``)
-  is passed, the op writes it in place (declared in ``mutates_args``) and returns a 0-element
-  placeholder in that slot; the Python functions return the caller's tensor there.
-* Trailing keyword arguments beyond upstream: ``logits_soft_cap`` (dense), ``sink_size`` and
-  ``logits_soft_cap`` (backward), ``cu_seqlens_*`` (dense backward, batch padding), ``bias`` /
-  ``dbias`` (varlen backward), ``seqlens_k`` (paged varlen) and ``backend`` (force a backend by
-  name; None = automatic selection, see ``aiter_core.registry``).
+* ``gen`` (a ``torch.Generator``) cannot appear in an op schema: ``mha_fwd`` / ``mha_varlen_fwd``
+  take ``rng_state`` ((2,) int64 seed/offset) in its place; ``api.mha_fwd`` keeps ``gen``.
+* An op may not return an alias of its input: when ``out`` (``dq``/``dk``/``dv``) is passed, the
+  op writes it (declared in ``mutates_args``) and returns a 0-element placeholder in that slot.
+* An op with an autograd formula may not mutate its inputs: ``flash_attn_varlen_func``'s op is
+  functional and the public function copies the result into ``out``.
+* Tuples are lists in a schema (``window_size: List[int]``, None = (-1, -1, 0)), and the int form
+  of ``flash_attn_with_kvcache``'s ``cache_seqlens`` travels as ``cache_seqlens_int``.
 
-Each op's body builds a :class:`aiter_core.Problem`, asks the registry for the implementation
-(``triton`` or ``reference``) and calls it with the op's arguments as keywords. Results are
-normalised here so every backend returns exactly what the fake implementation promises.
+``fwd_shapes`` / ``fwd_result`` / ``bwd_result`` say what each op returns; the fakes, the Triton
+launcher and the reference backend all use them, so the three agree by construction.
 """
 
-# No `from __future__ import annotations`: register_op infers the schemas from real annotations.
-from typing import Optional
+from __future__ import annotations
+
+import inspect
+from typing import Optional, Tuple
 
 import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from aiter_core.ops import register_op
-from aiter_core.registry import Problem, dispatch
+from aiter_core.ops import Op, declare_op
+from aiter_core.registry import get_registry
 
-Tensor = torch.Tensor
-
-__all__ = ["mha_fwd_op", "mha_varlen_fwd_op", "mha_bwd_op", "mha_varlen_bwd_op", "make_problem", "FP8_DTYPES"]
-
-FP8_DTYPES = tuple(
-    getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz") if hasattr(torch, n)
+from . import checks
+from .checks import (
+    FORM_KVCACHE,
+    FORM_OUT,
+    FORM_OUT_LSE,
+    FORM_TRAINING,
+    PACKED,
+    BwdCall,
+    FwdCall,
 )
 
+__all__ = ["OPS", "fwd_shapes", "fwd_result", "bwd_result", "empty", "arange", "rng_states", "mha_fwd", "mha_varlen_fwd", "mha_bwd",
+           "mha_varlen_bwd", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_fp8_pertensor_func",
+           "flash_attn_varlen_fp8_pertensor_func", "flash_attn_fp8_func", "flash_attn_varlen_fp8_func",
+           "flash_attn_with_kvcache"]
 
-def _out_dtype(q: Tensor, out: Optional[Tensor]) -> torch.dtype:
-    if out is not None:
-        return out.dtype
-    return torch.bfloat16 if q.dtype in FP8_DTYPES else q.dtype
-
-
-def make_problem(op: str, q: Tensor, k: Tensor, v: Tensor, **features) -> Problem:
-    """What the backends' ``supports`` look at: device, dtype, head dims and features used."""
-    return Problem(
-        op=op,
-        device=q.device,
-        device_type=q.device.type,
-        dtype=q.dtype,
-        fp8=q.dtype in FP8_DTYPES,
-        head_dim_qk=q.shape[-1],
-        head_dim_v=v.shape[-1],
-        heads_q=q.shape[-2],
-        heads_kv=k.shape[-2],
-        backward=op.endswith("_bwd"),
-        **features,
-    )
+T4 = Tuple[Tensor, Tensor, Tensor, Tensor]
+T2 = Tuple[Tensor, Tensor]
 
 
-def _empty_f32(like: Tensor) -> Tensor:
-    return torch.empty(0, dtype=torch.float32, device=like.device)
+# -- what each op returns -----------------------------------------------------------------------
+
+
+def fwd_shapes(call: FwdCall) -> tuple[tuple, tuple, tuple]:
+    """(out, lse, S_dmask) shapes of a forward Call: bshd / thd out, (B, Hq, Sq) / (Hq, Tq) lse."""
+    q = call.q
+    heads_q, dim_v = q.shape[-2], call.v.shape[-1]
+    if call.layout == PACKED:
+        total_q = q.shape[0]
+        return (total_q, heads_q, dim_v), (heads_q, total_q), (heads_q, total_q, call.max_seqlen_k)
+    batch, seqlen_q = q.shape[0], q.shape[1]
+    return (batch, seqlen_q, heads_q, dim_v), (batch, heads_q, seqlen_q), (batch, heads_q, seqlen_q, call.max_seqlen_k)
+
+
+def empty(like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A 0-element tensor on ``like``'s device: the slot of an output not asked for."""
+    return torch.empty(0, dtype=dtype, device=like.device)
+
+
+_ARANGES: dict = {}
+
+
+def arange(count: int, step: int, *, device: torch.device) -> Tensor:
+    """int32 ``[0, step, 2 * step, ...]`` (``count`` entries) on ``device``: the row table of a
+    contiguous KV cache, the sequence starts of a padded batch. Cached per (count, step, device):
+    the kernels only read it. Not cached while a CUDA graph is being captured (the values would only
+    exist after a replay)."""
+    key = (count, step, device)
+    t = _ARANGES.get(key)
+    if t is None:
+        t = torch.arange(count, dtype=torch.int32, device=device) * step
+        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            if len(_ARANGES) > 512:
+                _ARANGES.clear()
+            _ARANGES[key] = t
+    return t
 
 
 def _draw_rng_state(device: torch.device) -> Tensor:
@@ -70,324 +94,281 @@ def _draw_rng_state(device: torch.device) -> Tensor:
     return torch.cat([seed, torch.zeros(1, dtype=torch.int64, device=device)])
 
 
-def _rng_out(rng_state: Optional[Tensor], dropout_p: float, device: torch.device) -> tuple[Optional[Tensor], Tensor]:
-    """(state to hand the backend, state to return)."""
-    if dropout_p <= 0.0:
+def rng_states(call: FwdCall, device: torch.device) -> tuple:
+    """(dropout state the backend uses or None, state the op returns): zeros without dropout, a
+    device-side draw when none was given, else a copy of the given one (an op cannot return its input)."""
+    if call.dropout_p <= 0.0:
         return None, torch.zeros(2, dtype=torch.int64, device=device)
-    if rng_state is None:
-        rng_state = _draw_rng_state(device)
-        return rng_state, rng_state
-    return rng_state, rng_state.clone()
+    if call.rng_state is None:
+        state = _draw_rng_state(device)
+        return state, state
+    return call.rng_state, call.rng_state.clone()
 
 
-def _place(result: Tensor, given: Optional[Tensor]) -> Tensor:
-    """Copy into the caller's buffer when the backend wrote elsewhere; return the op's slot value."""
-    if given is None:
-        return result.contiguous()
-    if result.data_ptr() != given.data_ptr() or result.stride() != given.stride():
-        given.copy_(result.reshape(given.shape))
-    return given.new_empty(0)
+def fwd_result(call: FwdCall, out: Tensor, lse: Tensor, s_dmask, rng_state):
+    """The op's outputs from the tensors a backend computed (``out`` is the caller's buffer when given)."""
+    form = call.form
+    if form == FORM_TRAINING:
+        return out, lse, (s_dmask if call.return_dropout_mask else empty(out)), rng_state
+    if form == FORM_OUT:
+        return out
+    if form == FORM_OUT_LSE:
+        return out, lse
+    if form == FORM_KVCACHE:
+        return out, (lse if call.return_lse else empty(out))
+    return ((empty(out, out.dtype) if call.out is not None else out), (lse if call.return_lse else empty(out)),
+            (s_dmask if call.return_dropout_mask else empty(out)), rng_state)
 
 
-# -- mha_fwd ----------------------------------------------------------------------------------
+def bwd_result(call: BwdCall, dq: Tensor, dk: Tensor, dv: Tensor, delta: Tensor):
+    """(dq, dk, dv, softmax_d): a 0-element placeholder where the caller passed the buffer."""
+    return (empty(dq, dq.dtype) if call.dq is not None else dq, empty(dk, dk.dtype) if call.dk is not None else dk,
+            empty(dv, dv.dtype) if call.dv is not None else dv, delta)
 
 
-def _mha_fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    dropout_p: float,
-    softmax_scale: float,
-    is_causal: bool,
-    window_size_left: int,
-    window_size_right: int,
-    sink_size: int,
-    return_softmax_lse: bool,
-    return_dropout_randval: bool,
-    cu_seqlens_q: Optional[Tensor] = None,
-    cu_seqlens_kv: Optional[Tensor] = None,
-    out: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
-    alibi_slopes: Optional[Tensor] = None,
-    q_descale: Optional[Tensor] = None,
-    k_descale: Optional[Tensor] = None,
-    v_descale: Optional[Tensor] = None,
-    sink_ptr: Optional[Tensor] = None,
-    rng_state: Optional[Tensor] = None,
-    logits_soft_cap: float = 0.0,
-    backend: Optional[str] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    rng_in, rng_ret = _rng_out(rng_state, dropout_p, q.device)
-    problem = make_problem(
-        "mha_fwd", q, k, v, varlen=False, batch_padding=cu_seqlens_q is not None or cu_seqlens_kv is not None,
-        paged=False, padded=False, dropout=dropout_p > 0, bias=bias is not None, alibi=alibi_slopes is not None,
-        sink=sink_ptr is not None, softcap=logits_soft_cap > 0, window=(window_size_left, window_size_right, sink_size),
-        deterministic=False, page_size=None,
-    )
-    impl = dispatch("mha_fwd", problem, backend=backend)
-    o, lse, s_dmask = impl(
-        q=q, k=k, v=v, dropout_p=dropout_p, softmax_scale=softmax_scale, is_causal=is_causal,
-        window_size_left=window_size_left, window_size_right=window_size_right, sink_size=sink_size,
-        return_softmax_lse=return_softmax_lse, return_dropout_randval=return_dropout_randval and dropout_p > 0,
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_kv=cu_seqlens_kv, out=out, bias=bias, alibi_slopes=alibi_slopes,
-        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, sink_ptr=sink_ptr, rng_state=rng_in,
-        logits_soft_cap=logits_soft_cap,
-    )
-    lse = lse.contiguous() if return_softmax_lse else _empty_f32(q)
-    s_dmask = s_dmask.contiguous() if (return_dropout_randval and dropout_p > 0) else _empty_f32(q)
-    return _place(o, out), lse, s_dmask, rng_ret
+def _fake_fwd(check):
+    def fake(*args, **kwargs):
+        call = check(*args, **kwargs)
+        q = call.q
+        out_shape, lse_shape, dmask_shape = fwd_shapes(call)
+        out = call.out if call.out is not None else q.new_empty(out_shape, dtype=call.out_dtype)
+        lse = q.new_empty(lse_shape, dtype=torch.float32)
+        s_dmask = q.new_empty(dmask_shape, dtype=torch.float32) if call.return_dropout_mask else None
+        rng = q.new_empty(2, dtype=torch.int64)
+        return fwd_result(call, out, lse, s_dmask, rng)
+
+    return fake
 
 
-def _mha_fwd_fake(q, k, v, dropout_p, softmax_scale, is_causal, window_size_left, window_size_right, sink_size,
-                  return_softmax_lse, return_dropout_randval, cu_seqlens_q=None, cu_seqlens_kv=None, out=None,
-                  bias=None, alibi_slopes=None, q_descale=None, k_descale=None, v_descale=None, sink_ptr=None,
-                  rng_state=None, logits_soft_cap=0.0, backend=None):
-    batch, seqlen_q, heads_q, _ = q.shape
-    seqlen_k, dim_v = k.shape[1], v.shape[-1]
-    o = q.new_empty(0, dtype=out.dtype) if out is not None else q.new_empty((batch, seqlen_q, heads_q, dim_v), dtype=_out_dtype(q, None))
-    lse = q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32) if return_softmax_lse else _empty_f32(q)
-    wants_mask = return_dropout_randval and dropout_p > 0
-    s_dmask = q.new_empty((batch, heads_q, seqlen_q, seqlen_k), dtype=torch.float32) if wants_mask else _empty_f32(q)
-    return o, lse, s_dmask, q.new_empty(2, dtype=torch.int64)
+def _fake_bwd(*args, **kwargs):
+    call = checks.mha_bwd(*args, **kwargs)
+    return _fake_bwd_result(call)
 
 
-mha_fwd_op = register_op("mha_fwd", _mha_fwd, mutates_args=("out",), fake=_mha_fwd_fake)
+def _fake_varlen_bwd(*args, **kwargs):
+    return _fake_bwd_result(checks.mha_varlen_bwd(*args, **kwargs))
 
 
-# -- mha_varlen_fwd ---------------------------------------------------------------------------
+def _fake_bwd_result(call: BwdCall):
+    q = call.q
+    grads = [buf if buf is not None else torch.empty_like(like, memory_format=torch.contiguous_format)
+             for buf, like in ((call.dq, q), (call.dk, call.k), (call.dv, call.v))]
+    delta = q.new_empty(tuple(call.lse.shape), dtype=torch.float32)
+    return bwd_result(call, *grads, delta)
 
 
-def _mha_varlen_fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens_q: Tensor,
-    cu_seqlens_k: Optional[Tensor],
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    min_seqlen_q: int,
-    dropout_p: float,
-    softmax_scale: float,
-    logits_soft_cap: float,
-    zero_tensors: bool,
-    is_causal: bool,
-    window_size_left: int,
-    window_size_right: int,
-    sink_size: int,
-    return_softmax_lse: bool,
-    return_dropout_randval: bool,
-    out: Optional[Tensor] = None,
-    block_table: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
-    alibi_slopes: Optional[Tensor] = None,
-    q_descale: Optional[Tensor] = None,
-    k_descale: Optional[Tensor] = None,
-    v_descale: Optional[Tensor] = None,
-    rng_state: Optional[Tensor] = None,
-    cu_seqlens_q_padded: Optional[Tensor] = None,
-    cu_seqlens_k_padded: Optional[Tensor] = None,
-    sink_ptr: Optional[Tensor] = None,
-    seqlens_k: Optional[Tensor] = None,
-    backend: Optional[str] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    rng_in, rng_ret = _rng_out(rng_state, dropout_p, q.device)
-    problem = make_problem(
-        "mha_varlen_fwd", q, k, v, varlen=True, batch_padding=False, paged=block_table is not None,
-        padded=cu_seqlens_q_padded is not None or cu_seqlens_k_padded is not None, dropout=dropout_p > 0,
-        bias=bias is not None, alibi=alibi_slopes is not None, sink=sink_ptr is not None, softcap=logits_soft_cap > 0,
-        window=(window_size_left, window_size_right, sink_size), deterministic=False,
-        page_size=k.shape[1] if block_table is not None else None,
-    )
-    impl = dispatch("mha_varlen_fwd", problem, backend=backend)
-    if zero_tensors and out is not None:
-        out.zero_()
-    o, lse, s_dmask = impl(
-        q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, softmax_scale=softmax_scale, logits_soft_cap=logits_soft_cap,
-        is_causal=is_causal, window_size_left=window_size_left, window_size_right=window_size_right,
-        sink_size=sink_size, return_softmax_lse=return_softmax_lse,
-        return_dropout_randval=return_dropout_randval and dropout_p > 0, out=out, block_table=block_table, bias=bias,
-        alibi_slopes=alibi_slopes, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, rng_state=rng_in,
-        cu_seqlens_q_padded=cu_seqlens_q_padded, cu_seqlens_k_padded=cu_seqlens_k_padded, sink_ptr=sink_ptr,
-        seqlens_k=seqlens_k,
-    )
-    lse = lse.contiguous() if return_softmax_lse else _empty_f32(q)
-    s_dmask = s_dmask.contiguous() if (return_dropout_randval and dropout_p > 0) else _empty_f32(q)
-    return _place(o, out), lse, s_dmask, rng_ret
+# -- autograd formulas -----------------------------------------------------------------------------
+# setup_context keeps the inputs as given (the backward op validates and normalises them again);
+# the backward calls mha_bwd / mha_varlen_bwd. lse, S_dmask and rng_state are not differentiable.
 
 
-def _mha_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, min_seqlen_q, dropout_p,
-                         softmax_scale, logits_soft_cap, zero_tensors, is_causal, window_size_left, window_size_right,
-                         sink_size, return_softmax_lse, return_dropout_randval, out=None, block_table=None, bias=None,
-                         alibi_slopes=None, q_descale=None, k_descale=None, v_descale=None, rng_state=None,
-                         cu_seqlens_q_padded=None, cu_seqlens_k_padded=None, sink_ptr=None, seqlens_k=None,
-                         backend=None):
-    total_q, heads_q, _ = q.shape
-    dim_v = v.shape[-1]
-    o = q.new_empty(0, dtype=out.dtype) if out is not None else q.new_empty((total_q, heads_q, dim_v), dtype=_out_dtype(q, None))
-    lse = q.new_empty((heads_q, total_q), dtype=torch.float32) if return_softmax_lse else _empty_f32(q)
-    wants_mask = return_dropout_randval and dropout_p > 0
-    s_dmask = q.new_empty((heads_q, total_q, max_seqlen_k), dtype=torch.float32) if wants_mask else _empty_f32(q)
-    return o, lse, s_dmask, q.new_empty(2, dtype=torch.int64)
+def _window3(window_size) -> tuple[int, int, int]:
+    if window_size is None:
+        return -1, -1, 0
+    return window_size[0], window_size[1], (window_size[2] if len(window_size) == 3 else 0)
 
 
-mha_varlen_fwd_op = register_op("mha_varlen_fwd", _mha_varlen_fwd, mutates_args=("out",), fake=_mha_varlen_fwd_fake)
+def _scale_of(softmax_scale, q: Tensor) -> float:
+    return q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
 
 
-# -- mha_bwd ----------------------------------------------------------------------------------
+def _extra_grad(t, wanted: bool):
+    return torch.empty(t.shape, dtype=torch.float32, device=t.device) if wanted else None
 
 
-def _store_extra_grads(dsink: Optional[Tensor], d_sink: Optional[Tensor], dbias_res: Optional[Tensor],
-                       dbias: Optional[Tensor]) -> None:
-    if d_sink is not None:
-        if dsink is None:
-            raise RuntimeError("d_sink: the backend returned no sink gradient")
-        d_sink.copy_(dsink.reshape(d_sink.shape))
-    if dbias is not None:
-        if dbias_res is None:
-            raise RuntimeError("dbias: the backend returned no bias gradient")
-        dbias.copy_(dbias_res.reshape(dbias.shape))
+def _as(grad, like):
+    return grad.to(like.dtype) if grad is not None else None
 
 
-def _mha_bwd(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    softmax_lse: Tensor,
-    dropout_p: float,
-    softmax_scale: float,
-    is_causal: bool,
-    window_size_left: int,
-    window_size_right: int,
-    deterministic: bool,
-    dq: Optional[Tensor] = None,
-    dk: Optional[Tensor] = None,
-    dv: Optional[Tensor] = None,
-    dbias: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
-    alibi_slopes: Optional[Tensor] = None,
-    rng_state: Optional[Tensor] = None,
-    sink: Optional[Tensor] = None,
-    d_sink: Optional[Tensor] = None,
-    sink_size: int = 0,
-    logits_soft_cap: float = 0.0,
-    cu_seqlens_q: Optional[Tensor] = None,
-    cu_seqlens_kv: Optional[Tensor] = None,
-    backend: Optional[str] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    problem = make_problem(
-        "mha_bwd", q, k, v, varlen=False, batch_padding=cu_seqlens_q is not None or cu_seqlens_kv is not None,
-        paged=False, padded=False, dropout=dropout_p > 0, bias=bias is not None, alibi=alibi_slopes is not None,
-        sink=sink is not None, softcap=logits_soft_cap > 0, window=(window_size_left, window_size_right, sink_size),
-        deterministic=deterministic, page_size=None,
-    )
-    impl = dispatch("mha_bwd", problem, backend=backend)
-    gq, gk, gv, delta, dsink, dbias_res = impl(
-        dout=dout, q=q, k=k, v=v, out=out, softmax_lse=softmax_lse, dropout_p=dropout_p, softmax_scale=softmax_scale,
-        is_causal=is_causal, window_size_left=window_size_left, window_size_right=window_size_right,
-        deterministic=deterministic, dq=dq, dk=dk, dv=dv, bias=bias, alibi_slopes=alibi_slopes,
-        rng_state=rng_state, sink=sink, sink_size=sink_size, logits_soft_cap=logits_soft_cap,
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_kv=cu_seqlens_kv,
-        compute_dsink=d_sink is not None, compute_dbias=dbias is not None,
-    )
-    _store_extra_grads(dsink, d_sink, dbias_res, dbias)
-    return _place(gq, dq), _place(gk, dk), _place(gv, dv), delta.contiguous()
+def _dense_setup(ctx, inputs, output):
+    (q, k, v, dropout_p, softmax_scale, causal, window_size, bias, alibi_slopes, deterministic, _, _, _,
+     cu_seqlens_q, cu_seqlens_kv, sink, _, softcap, backend) = inputs
+    out, lse, s_dmask, rng_state = output
+    ctx.save_for_backward(q, k, v, out, lse, rng_state, bias, alibi_slopes, sink, cu_seqlens_q, cu_seqlens_kv)
+    ctx.args = (dropout_p, softmax_scale, causal, window_size, deterministic, softcap, backend)
+    ctx.mark_non_differentiable(lse, s_dmask, rng_state)
 
 
-def _mha_bwd_fake(dout, q, k, v, out, softmax_lse, dropout_p, softmax_scale, is_causal, window_size_left,
-                  window_size_right, deterministic, dq=None, dk=None, dv=None, dbias=None, bias=None, alibi_slopes=None,
-                  rng_state=None, sink=None, d_sink=None, sink_size=0, logits_soft_cap=0.0, cu_seqlens_q=None,
-                  cu_seqlens_kv=None, backend=None):
-    batch, seqlen_q, heads_q, _ = q.shape
-
-    def slot(given, like):
-        return given.new_empty(0) if given is not None else torch.empty_like(like, memory_format=torch.contiguous_format)
-
-    delta = q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
-    return slot(dq, q), slot(dk, k), slot(dv, v), delta
-
-
-mha_bwd_op = register_op(
-    "mha_bwd", _mha_bwd, mutates_args=("dq", "dk", "dv", "dbias", "d_sink"), fake=_mha_bwd_fake
-)
+def _dense_backward(ctx, dout, _dlse, _ds_dmask, _drng):
+    q, k, v, out, lse, rng_state, bias, alibi_slopes, sink, cu_q, cu_k = ctx.saved_tensors
+    dropout_p, softmax_scale, causal, window_size, deterministic, softcap, backend = ctx.args
+    left, right, sink_size = _window3(window_size)
+    dbias = _extra_grad(bias, bias is not None and ctx.needs_input_grad[7])
+    d_sink = _extra_grad(sink, sink is not None and ctx.needs_input_grad[15])
+    dq, dk, dv, _ = mha_bwd(
+        dout.contiguous(), q, k, v, out, lse, dropout_p, _scale_of(softmax_scale, q), causal, left, right,
+        deterministic, None, None, None, dbias, bias, alibi_slopes, rng_state, sink, d_sink, sink_size, softcap,
+        cu_q, cu_k, backend)
+    return (dq, dk, dv, None, None, None, None, _as(dbias, bias), None, None, None, None, None, None, None,
+            _as(d_sink, sink), None, None, None)
 
 
-# -- mha_varlen_bwd ---------------------------------------------------------------------------
+def _varlen_setup(ctx, inputs, output):
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, _, dropout_p, softmax_scale, softcap, causal,
+     window_size, bias, alibi_slopes, deterministic, _, _, _, block_table, _, pad_q, pad_k, sink, backend) = inputs
+    checks.check_paged_forward_only(block_table, True)
+    out, lse, s_dmask, rng_state = output
+    ctx.save_for_backward(q, k, v, out, lse, rng_state, bias, alibi_slopes, sink, cu_seqlens_q, cu_seqlens_k,
+                          pad_q, pad_k)
+    ctx.args = (max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size, deterministic, softcap,
+                backend)
+    ctx.mark_non_differentiable(lse, s_dmask, rng_state)
 
 
-def _mha_varlen_bwd(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    softmax_lse: Tensor,
-    cu_seqlens_q: Tensor,
-    cu_seqlens_k: Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    dropout_p: float,
-    softmax_scale: float,
-    zero_tensors: bool,
-    is_causal: bool,
-    window_size_left: int,
-    window_size_right: int,
-    deterministic: bool,
-    dq: Optional[Tensor] = None,
-    dk: Optional[Tensor] = None,
-    dv: Optional[Tensor] = None,
-    alibi_slopes: Optional[Tensor] = None,
-    rng_state: Optional[Tensor] = None,
-    cu_seqlens_q_padded: Optional[Tensor] = None,
-    cu_seqlens_k_padded: Optional[Tensor] = None,
-    sink: Optional[Tensor] = None,
-    d_sink: Optional[Tensor] = None,
-    sink_size: int = 0,
-    logits_soft_cap: float = 0.0,
-    bias: Optional[Tensor] = None,
-    dbias: Optional[Tensor] = None,
-    backend: Optional[str] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    problem = make_problem(
-        "mha_varlen_bwd", q, k, v, varlen=True, batch_padding=False, paged=False,
-        padded=cu_seqlens_q_padded is not None or cu_seqlens_k_padded is not None, dropout=dropout_p > 0,
-        bias=bias is not None, alibi=alibi_slopes is not None, sink=sink is not None, softcap=logits_soft_cap > 0,
-        window=(window_size_left, window_size_right, sink_size), deterministic=deterministic, page_size=None,
-    )
-    impl = dispatch("mha_varlen_bwd", problem, backend=backend)
-    if zero_tensors:
-        for buf in (dq, dk, dv):
-            if buf is not None:
-                buf.zero_()
-    gq, gk, gv, delta, dsink, dbias_res = impl(
-        dout=dout, q=q, k=k, v=v, out=out, softmax_lse=softmax_lse, cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
-        softmax_scale=softmax_scale, is_causal=is_causal, window_size_left=window_size_left,
-        window_size_right=window_size_right, deterministic=deterministic, dq=dq, dk=dk, dv=dv,
-        alibi_slopes=alibi_slopes, rng_state=rng_state, cu_seqlens_q_padded=cu_seqlens_q_padded,
-        cu_seqlens_k_padded=cu_seqlens_k_padded, sink=sink, sink_size=sink_size, logits_soft_cap=logits_soft_cap,
-        bias=bias, compute_dsink=d_sink is not None, compute_dbias=dbias is not None,
-    )
-    _store_extra_grads(dsink, d_sink, dbias_res, dbias)
-    return _place(gq, dq), _place(gk, dk), _place(gv, dv), delta.contiguous()
+def _varlen_backward(ctx, dout, _dlse, _ds_dmask, _drng):
+    q, k, v, out, lse, rng_state, bias, alibi_slopes, sink, cu_q, cu_k, pad_q, pad_k = ctx.saved_tensors
+    max_q, max_k, dropout_p, softmax_scale, causal, window_size, deterministic, softcap, backend = ctx.args
+    left, right, sink_size = _window3(window_size)
+    dbias = _extra_grad(bias, bias is not None and ctx.needs_input_grad[13])
+    d_sink = _extra_grad(sink, sink is not None and ctx.needs_input_grad[23])
+    dq, dk, dv, _ = mha_varlen_bwd(
+        dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, _scale_of(softmax_scale, q), False,
+        causal, left, right, deterministic, None, None, None, alibi_slopes, rng_state, pad_q, pad_k, sink, d_sink,
+        sink_size, softcap, bias, dbias, backend)
+    return ((dq, dk, dv) + (None,) * 10 + (_as(dbias, bias),) + (None,) * 9 + (_as(d_sink, sink), None))
 
 
-def _mha_varlen_bwd_fake(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         dropout_p, softmax_scale, zero_tensors, is_causal, window_size_left, window_size_right,
-                         deterministic, dq=None, dk=None, dv=None, alibi_slopes=None, rng_state=None,
-                         cu_seqlens_q_padded=None, cu_seqlens_k_padded=None, sink=None, d_sink=None, sink_size=0,
-                         logits_soft_cap=0.0, bias=None, dbias=None, backend=None):
-    total_q, heads_q, _ = q.shape
-
-    def slot(given, like):
-        return given.new_empty(0) if given is not None else torch.empty_like(like, memory_format=torch.contiguous_format)
-
-    delta = q.new_empty((heads_q, total_q), dtype=torch.float32)
-    return slot(dq, q), slot(dk, k), slot(dv, v), delta
+def _fp8_setup(ctx, inputs, output):
+    q, k, v, softmax_scale, causal, _, window_size, _, softcap, _, _, deterministic, _, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = (softmax_scale, causal, window_size, softcap, deterministic, backend)
+    ctx.mark_non_differentiable(lse)
 
 
-mha_varlen_bwd_op = register_op(
-    "mha_varlen_bwd", _mha_varlen_bwd, mutates_args=("dq", "dk", "dv", "dbias", "d_sink"), fake=_mha_varlen_bwd_fake
-)
+def _fp8_backward(ctx, dout, _dlse):
+    """Straight-through: the high-precision backward on the unquantized q, k, v."""
+    q, k, v, out, lse = ctx.saved_tensors
+    softmax_scale, causal, window_size, softcap, deterministic, backend = ctx.args
+    left, right, sink_size = _window3(window_size)
+    dq, dk, dv, _ = mha_bwd(dout.contiguous(), q, k, v, out, lse, 0.0, _scale_of(softmax_scale, q), causal, left,
+                            right, deterministic, None, None, None, None, None, None, None, None, None, sink_size,
+                            softcap, None, None, backend)
+    return (dq, dk, dv) + (None,) * 11
+
+
+def _varlen_fp8_setup(ctx, inputs, output):
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size, _, softcap,
+     deterministic, _, backend) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size, softcap, deterministic, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _varlen_fp8_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    max_q, max_k, softmax_scale, causal, window_size, softcap, deterministic, backend = ctx.args
+    left, right, sink_size = _window3(window_size)
+    dq, dk, dv, _ = mha_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0,
+                                   _scale_of(softmax_scale, q), False, causal, left, right, deterministic, None, None,
+                                   None, None, None, None, None, None, None, sink_size, softcap, None, None, backend)
+    return (dq, dk, dv) + (None,) * 12
+
+
+# -- eager calls of the differentiable ops without the torch dispatcher -------------------------------
+
+
+class TrainingOp:
+    """An op with an autograd formula, called like the torch op.
+
+    ``aiter_core.ops.Op`` sends every call of an op with an autograd formula through the torch
+    dispatcher, whose generated autograd kernel re-reads the op's schema per call
+    (``torch._library.utils.fill_defaults``: ~190 us for 19 arguments on a slow host). Eager calls
+    here take the same formula through a plain ``torch.autograd.Function`` (~25 us) when an input
+    requires grad, and the op's body directly when none does; torch.compile, dispatch modes and
+    functorch transforms still get ``torch.ops.aiter.<name>``. Both run the same check, the same
+    ``setup_context`` and ``backward``. (To move into ``aiter_core.ops.Op``.)
+    """
+
+    __slots__ = ("name", "op", "check", "_defaults", "_index", "_tensors", "_function")
+
+    def __init__(self, op: Op, setup_context, backward):
+        self.name, self.op, self.check = op.name, op, op.check
+        params = inspect.signature(op.check, eval_str=True).parameters
+        self._defaults = tuple(p.default for p in params.values())
+        self._index = {name: i for i, name in enumerate(params)}
+        self._tensors = tuple(i for i, p in enumerate(params.values()) if p.annotation in (Tensor, Optional[Tensor]))
+        registry, name = get_registry(), op.name
+
+        def forward(ctx, *inputs):
+            output = registry.run(name, inputs[-1])
+            setup_context(ctx, inputs[:-1], output)
+            return output
+
+        def function_backward(ctx, *grads):
+            needs = ctx.needs_input_grad
+            ctx.needs_input_grad = needs[:-1]
+            try:
+                return (*backward(ctx, *grads), None)
+            finally:
+                ctx.needs_input_grad = needs
+
+        self._function = type(f"{name}_autograd", (torch.autograd.Function,),
+                              {"forward": staticmethod(forward), "backward": staticmethod(function_backward)})
+
+    def __call__(self, *args, **kwargs):
+        if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+                or torch._C._are_functorch_transforms_active()):
+            return self.op.op(*args, **kwargs)
+        if kwargs or len(args) < len(self._defaults):
+            args = self._complete(args, kwargs)
+        if torch.is_grad_enabled():
+            for i in self._tensors:
+                a = args[i]
+                if a is not None and getattr(a, "requires_grad", False):
+                    return self._function.apply(*args, self.check(*args))
+        return self.op.body(*args)
+
+    def _complete(self, args: tuple, kwargs: dict) -> tuple:
+        full = list(args) + list(self._defaults[len(args):])
+        for name, value in kwargs.items():
+            index = self._index.get(name)
+            if index is None or index < len(args):
+                raise TypeError(f"{self.name}() got an unexpected or repeated keyword argument {name!r}")
+            full[index] = value
+        if any(a is inspect.Parameter.empty for a in full):
+            missing = [n for n, a in zip(self._index, full) if a is inspect.Parameter.empty]
+            raise TypeError(f"{self.name}() missing required argument(s): {', '.join(missing)}")
+        return tuple(full)
+
+    def __repr__(self) -> str:
+        return f"<aiter op {self.name} (autograd)>"
+
+
+# -- the op table ------------------------------------------------------------------------------------
+
+mha_fwd = declare_op("mha_fwd", checks.mha_fwd, mutates_args=("out",), fake=_fake_fwd(checks.mha_fwd), returns=T4)
+mha_varlen_fwd = declare_op("mha_varlen_fwd", checks.mha_varlen_fwd, mutates_args=("out",),
+                            fake=_fake_fwd(checks.mha_varlen_fwd), returns=T4)
+mha_bwd = declare_op("mha_bwd", checks.mha_bwd, mutates_args=("dq", "dk", "dv", "dbias", "d_sink"), fake=_fake_bwd,
+                     returns=T4)
+mha_varlen_bwd = declare_op("mha_varlen_bwd", checks.mha_varlen_bwd, mutates_args=("dq", "dk", "dv", "dbias", "d_sink"),
+                            fake=_fake_varlen_bwd, returns=T4)
+flash_attn_func = TrainingOp(declare_op("flash_attn_func", checks.flash_attn_func, mutates_args=(),
+                                        fake=_fake_fwd(checks.flash_attn_func), returns=T4,
+                                        autograd=(_dense_backward, _dense_setup)), _dense_setup, _dense_backward)
+flash_attn_varlen_func = TrainingOp(declare_op("flash_attn_varlen_func", checks.flash_attn_varlen_func, mutates_args=(),
+                                               fake=_fake_fwd(checks.flash_attn_varlen_func), returns=T4,
+                                               autograd=(_varlen_backward, _varlen_setup)),
+                                    _varlen_setup, _varlen_backward)
+flash_attn_fp8_pertensor_func = declare_op("flash_attn_fp8_pertensor_func", checks.flash_attn_fp8_pertensor_func,
+                                           mutates_args=(), fake=_fake_fwd(checks.flash_attn_fp8_pertensor_func),
+                                           returns=Tensor)
+flash_attn_varlen_fp8_pertensor_func = declare_op(
+    "flash_attn_varlen_fp8_pertensor_func", checks.flash_attn_varlen_fp8_pertensor_func, mutates_args=(),
+    fake=_fake_fwd(checks.flash_attn_varlen_fp8_pertensor_func), returns=Tensor)
+flash_attn_fp8_func = TrainingOp(declare_op("flash_attn_fp8_func", checks.flash_attn_fp8_func, mutates_args=(),
+                                            fake=_fake_fwd(checks.flash_attn_fp8_func), returns=T2,
+                                            autograd=(_fp8_backward, _fp8_setup)), _fp8_setup, _fp8_backward)
+flash_attn_varlen_fp8_func = TrainingOp(
+    declare_op("flash_attn_varlen_fp8_func", checks.flash_attn_varlen_fp8_func, mutates_args=(),
+               fake=_fake_fwd(checks.flash_attn_varlen_fp8_func), returns=T2,
+               autograd=(_varlen_fp8_backward, _varlen_fp8_setup)), _varlen_fp8_setup, _varlen_fp8_backward)
+flash_attn_with_kvcache = declare_op("flash_attn_with_kvcache", checks.flash_attn_with_kvcache,
+                                     mutates_args=("k_cache", "v_cache"), fake=_fake_fwd(checks.flash_attn_with_kvcache),
+                                     returns=T2)
+
+OPS = ("mha_fwd", "mha_varlen_fwd", "mha_bwd", "mha_varlen_bwd", "flash_attn_func", "flash_attn_varlen_func",
+       "flash_attn_fp8_pertensor_func", "flash_attn_varlen_fp8_pertensor_func", "flash_attn_fp8_func",
+       "flash_attn_varlen_fp8_func", "flash_attn_with_kvcache")

@@ -16,8 +16,7 @@ def run() -> str:
     from aiter_core.registry import select
     from aiter_core.testing import check_max_error
 
-    from . import api, fp8
-    from .ops import make_problem
+    from . import api, checks
     from .reference import attention_ref
 
     gpu = torch.cuda.is_available()
@@ -30,10 +29,7 @@ def run() -> str:
         return x.requires_grad_(grad)
 
     q, k, v = rnd(2, 37, 4, 64, grad=True), rnd(2, 45, 2, 64, grad=True), rnd(2, 45, 2, 64, grad=True)
-    backend = select("mha_fwd", make_problem("mha_fwd", q, k, v, varlen=False, batch_padding=False, paged=False,
-                                             padded=False, dropout=False, bias=False, alibi=False, sink=False,
-                                             softcap=False, window=(-1, 0, 0), deterministic=False,
-                                             page_size=None)).backend
+    backend = select("flash_attn_func", checks.flash_attn_func(q, k, v, causal=True).key).backend
     out = api.flash_attn_func(q, k, v, causal=True)
     ref = attention_ref(q, k, v, causal=True)[0]
     low = attention_ref(q, k, v, causal=True, upcast=False)[0]
@@ -56,7 +52,7 @@ def run() -> str:
             errs.append(check_max_error("aiter-mha smoke: flash_attn_varlen_func", out_v[s], ref_b, tol))
         fp8_note = ""
         if gpu and torch.cuda.get_device_capability() >= (8, 9):
-            out8 = fp8.flash_attn_fp8_func(q.detach(), k.detach(), v.detach(), causal=True)
+            out8 = api.flash_attn_fp8_func(q.detach(), k.detach(), v.detach(), causal=True)
             check_max_error("aiter-mha smoke: flash_attn_fp8_func", out8, ref, 0.25)
             fp8_note = ", fp8 ok"
     where = "GPU" if gpu else ("Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "CPU")

@@ -20,13 +20,20 @@ if __name__ != "__main__":
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
         pytest.skip("GPU tier: needs CUDA and no TRITON_INTERPRET", allow_module_level=True)
 
+from pathlib import Path  # noqa: E402
+
 from aiter_mha.reference import (  # noqa: E402
     attention_ref,
     attention_ref_varlen,
     dropout_mask_from_s_dmask,
     gather_paged_kv,
 )
-from aiter_mha.triton import flash_bwd, flash_fwd  # noqa: E402
+from aiter_mha.triton.configs import TileConfig  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/kernel_calls.py
+from kernel_calls import run_bwd as flash_bwd  # noqa: E402
+from kernel_calls import run_fwd as flash_fwd  # noqa: E402
+from kernel_calls import run_paged_fwd  # noqa: E402
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -190,8 +197,7 @@ def test_paged_bf16(page_size):
     v_cache = torch.randn(num_pages, page_size, Hk, D, device=DEV, dtype=BF16)
     table = torch.randperm(num_pages, device=DEV).reshape(B, pages_per_seq).to(torch.int32)
     q = torch.randn(B, 64, Hq, D, device=DEV, dtype=BF16)
-    out, lse, _ = flash_fwd(q, k_cache, v_cache, softmax_scale=D ** -0.5, causal=True, block_table=table,
-                            seqlens_k=seqlens)
+    out, lse = run_paged_fwd(q, k_cache, v_cache, table, softmax_scale=D ** -0.5, causal=True, seqlens_k=seqlens)
     k, v, cu = gather_paged_kv(k_cache, v_cache, table, seqlens)
     for b in range(B):
         s = slice(int(cu[b]), int(cu[b + 1]))
@@ -280,12 +286,13 @@ def _bench(argv):
     fwd_cands = [None]
     bwd_cands = [None]
     if sweep:
-        fwd_cands += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+        fwd_cands += [TileConfig(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
                       for bm, bn, w, s in itertools.product((128,), (64, 128), (4, 8), (2, 3, 4))]
-        # dK/dV and dQ configs vary independently (flash_bwd takes {"dkdv": ..., "dq": ...})
-        bwd_cands += [{"dkdv": dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)}
+        # dK/dV and dQ configs vary independently (a (dK/dV, dQ) pair, None = the default); the same
+        # sweep from the shell: AITER_MHA_BWD_DKDV_CONFIG="BLOCK_M=64,num_stages=2" / AITER_MHA_BWD_DQ_CONFIG
+        bwd_cands += [(TileConfig(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s), None)
                       for bm, bn, w, s in ((16, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3))]
-        bwd_cands += [{"dq": dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)}
+        bwd_cands += [(None, TileConfig(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s))
                       for bm, bn, w, s in ((64, 64, 4, 3), (128, 32, 8, 2), (128, 64, 8, 3), (64, 32, 4, 3))]
     for S in (4096, 8192, 16384):
         q, k, v = _qkv(B, S, S, H, H, D)

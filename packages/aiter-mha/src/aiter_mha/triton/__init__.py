@@ -1,7 +1,4 @@
-"""Triton kernels for aiter-mha: forward (fwd.py), backward (bwd.py), shared score/mask helpers
-(masking.py) and per-head-dim launch configs (configs.py)."""
+"""Triton backend of aiter-mha: the kernels (fwd.py, bwd.py, with the score / mask helpers they share in
+masking.py), the launch-config tables (configs.py) and launch.py, which turns an op's Call into launches.
 
-from .bwd import flash_bwd
-from .fwd import flash_fwd
-
-__all__ = ["flash_fwd", "flash_bwd"]
+Importing this package imports nothing else: ``launch`` imports Triton and the kernels."""

@@ -1,28 +1,18 @@
-"""Flash attention backward: preprocess (delta, dsink), dK/dV kernel, dQ kernel.
+"""Flash attention backward kernels: preprocess (delta, dsink), dK/dV, dQ.
 
 P is recomputed from q, k and the forward's LSE with exactly the forward's pipeline (the shared
 helpers in masking.py). Both main kernels own their outputs (dK/dV: one key block of one kv
 head, summing the query heads of its GQA group; dQ: one query block of one query head), so
 dq/dk/dv are written once, without atomics, and are bitwise reproducible. Only dbias crosses
 (batch, head) programs: atomics when deterministic=False, a per-(batch, head) buffer reduced
-in a fixed order when deterministic=True.
+in a fixed order when deterministic=True. The launch (host) side is ``launch.py``.
 """
 
-from __future__ import annotations
-
-import os
-
-import torch
 import triton
 import triton.language as tl
 
-from aiter_core.triton_utils import cdiv
-
-from .configs import bwd_configs
-from .fwd import _load_kv_tile, _next_pow2, launch_params, window_bounds
+from .fwd import _load_kv_tile
 from .masking import (
-    LOG2E,
-    UNBOUNDED,
     dropout_keep,
     key_block_range,
     query_block_range,
@@ -31,7 +21,7 @@ from .masking import (
     visible,
 )
 
-__all__ = ["flash_bwd"]
+__all__ = ["bwd_preprocess_kernel", "bwd_dkdv_kernel", "bwd_dq_kernel"]
 
 
 @triton.jit
@@ -231,10 +221,8 @@ def bwd_dkdv_kernel(
 
     k_base = K + b64 * stride_kb + k_row0.to(tl.int64) * stride_kn + hk * stride_kh
     v_base = V + b64 * stride_vb + k_row0.to(tl.int64) * stride_vn + hk * stride_vh
-    k = _load_kv_tile(k_base, stride_kn, offs_nb, n_lo, offs_dqk, seqlen_k, D_QK,
-                      k_base, 1, 0, True, PAD_QK, False)
-    v = _load_kv_tile(v_base, stride_vn, offs_nb, n_lo, offs_dv, seqlen_k, D_V,
-                      v_base, 1, 0, True, PAD_V, False)
+    k = _load_kv_tile(k_base, stride_kn, offs_nb, n_lo, offs_dqk, seqlen_k, D_QK, True, PAD_QK)
+    v = _load_kv_tile(v_base, stride_vn, offs_nb, n_lo, offs_dv, seqlen_k, D_V, True, PAD_V)
 
     lo, full_lo, full_hi, hi = query_block_range(n_lo, n_lo + BLOCK_N, seqlen_q, diag_off,
                                                  win_left, win_right, sink_size, BLOCK_M, HAS_WINDOW)
@@ -308,10 +296,8 @@ def _dq_segment(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, st
     rows = offs_m[:, None]
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        k = _load_kv_tile(k_base, stride_kn, offs_n, start_n, offs_dqk, seqlen_k, D_QK,
-                          k_base, 1, 0, MASKED, PAD_QK, False)
-        v = _load_kv_tile(v_base, stride_vn, offs_n, start_n, offs_dv, seqlen_k, D_V,
-                          v_base, 1, 0, MASKED, PAD_V, False)
+        k = _load_kv_tile(k_base, stride_kn, offs_n, start_n, offs_dqk, seqlen_k, D_QK, MASKED, PAD_QK)
+        v = _load_kv_tile(v_base, stride_vn, offs_n, start_n, offs_dv, seqlen_k, D_V, MASKED, PAD_V)
         cols = (start_n + offs_n)[None, :]
         qk = tl.dot(q, tl.trans(k))
         s = scores_log2(qk, rows, cols, diag_off, qk_scale_log2, softcap_inv_scale, softcap_log2,
@@ -450,175 +436,3 @@ def bwd_dq_kernel(
                + (offs_mb * stride_dqm)[:, None] + offs_dqk[None, :])
     tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=row_ok[:, None] & (offs_dqk < D_QK)[None, :])
 
-
-def _sm_count(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # H100 SXM; only steers the launch shape under the interpreter
-
-
-def _strides3(t, varlen):
-    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
-
-
-def flash_bwd(do, q, k, v, out, lse, *, softmax_scale: float, causal: bool, window=(-1, -1, 0),
-              cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-              seqstart_q=None, seqstart_k=None, alibi_slopes=None, bias=None, sink=None,
-              softcap: float = 0.0, dropout_p: float = 0.0, rng_state=None,
-              deterministic: bool = False, dq=None, dk=None, dv=None, compute_dbias: bool = False,
-              config: dict | None = None, split_group: bool | None = None, dq_atomic: bool | None = None):
-    """Gradients of flash_fwd. Returns (dq, dk, dv, delta, dsink or None, dbias or None).
-
-    ``split_group`` (GQA): None picks by occupancy; True = one dK/dV program per query head
-    plus a host-side sum over the group, False = one program per kv head looping over its group.
-    ``dq_atomic`` (only with deterministic=False; None reads AITER_MHA_DQ_ATOMIC, default off):
-    the dK/dV kernel also accumulates dQ with fp32 atomics and the dQ kernel is skipped (fewer
-    matmuls, not bitwise reproducible).
-
-    dq/dk/dv are always bitwise reproducible (no atomics); ``deterministic`` only changes how
-    dbias is reduced. No paged KV and no fp8 here.
-    """
-    p = launch_params(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                      max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, seqstart_q=seqstart_q,
-                      seqstart_k=seqstart_k)
-    varlen = p["varlen"]
-    batch, hq, hk = p["batch"], p["heads_q"], p["heads_k"]
-    dev = q.device
-    for t in (do, q, k, v, out):
-        assert t.stride(-1) == 1
-    dq = torch.empty_like(q) if dq is None else dq
-    dk = torch.empty_like(k) if dk is None else dk
-    dv = torch.empty_like(v) if dv is None else dv
-    # rows outside every sequence (padded varlen) are not written by the kernels: zero them
-    if varlen and p["has_seqstart"]:
-        dq.zero_()
-        dk.zero_()
-        dv.zero_()
-    delta = torch.zeros_like(lse) if p["has_seqstart"] else torch.empty_like(lse)
-    if 0 in (batch, hq, p["max_sq"], p["max_sk"]):
-        # no query or no key anywhere: every gradient is zero
-        for t in (dq, dk, dv, delta):
-            t.zero_()
-        dsink = torch.zeros((hq,), dtype=torch.float32, device=dev) if sink is not None else None
-        dbias = torch.zeros(tuple(bias.shape[-2:]), dtype=torch.float32, device=dev) if compute_dbias else None
-        return dq, dk, dv, delta, dsink, dbias
-    l_strides = (0, lse.stride(0), lse.stride(1)) if varlen else lse.stride()
-    dmask_rows = q.shape[0] if varlen else p["max_sq"]
-    dmask_cols = p["max_sk"]
-    dummy = q
-    cu_q = cu_seqlens_q if cu_seqlens_q is not None else dummy
-    cu_k = cu_seqlens_k if cu_seqlens_k is not None else dummy
-    st_q = seqstart_q if seqstart_q is not None else cu_q
-    st_k = seqstart_k if seqstart_k is not None else cu_k
-    block_dqk, block_dv = _next_pow2(p["d_qk"]), _next_pow2(p["d_v"])
-
-    pre_block = 64
-    num_pre = cdiv(p["max_sq"], pre_block)
-    sink_partial = None
-    if sink is not None:
-        sink_partial = torch.zeros((batch, hq, num_pre), dtype=torch.float32, device=dev)
-    bwd_preprocess_kernel[(num_pre, hq, batch)](
-        out, do, lse, delta, sink if sink is not None else dummy,
-        sink_partial if sink_partial is not None else dummy,
-        *_strides3(out, varlen), *_strides3(do, varlen), *l_strides,
-        cu_q, st_q, p["seqlen_q_dense"], hq,
-        D_V=p["d_v"], BLOCK_M=pre_block, BLOCK_DV=block_dv, IS_VARLEN=varlen,
-        HAS_SEQSTART=p["has_seqstart"], HAS_SINK=sink is not None, num_warps=4,
-    )
-    dsink = -sink_partial.sum(dim=(0, 2)) if sink is not None else None
-
-    has_window, win_left, win_right, sink_size = window_bounds(causal, window, p["max_sk"])
-    has_softcap = softcap is not None and softcap > 0.0
-    has_dropout = dropout_p > 0.0
-    qk_scale_log2 = float(softmax_scale) * LOG2E
-    softcap_inv_scale = float(softmax_scale) / softcap if has_softcap else 0.0
-    softcap_log2 = float(softcap) * LOG2E if has_softcap else 0.0
-    if bias is not None and bias.stride(-1) != 1:
-        bias = bias.contiguous()
-    stride_ab = 0
-    if alibi_slopes is not None:
-        alibi_slopes = alibi_slopes.contiguous()
-        stride_ab = alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0
-    if has_dropout:
-        assert rng_state is not None and rng_state.numel() == 2
-
-    dbias = dbias_buf = None
-    dbias_mode = 0
-    if compute_dbias:
-        assert bias is not None
-        bias_shape = tuple(bias.shape[-2:])
-        if deterministic:
-            dbias_mode = 2
-            dbias_buf = torch.zeros((batch * hq, *bias_shape), dtype=torch.float32, device=dev)
-        else:
-            dbias_mode = 1
-            dbias_buf = torch.zeros(bias_shape, dtype=torch.float32, device=dev)
-    cfg_kv, cfg_q = bwd_configs(p["d_qk"], p["d_v"], config, masked=has_window)
-
-    common_flags = dict(D_QK=p["d_qk"], D_V=p["d_v"], BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-                        IS_VARLEN=varlen, HAS_SEQSTART=p["has_seqstart"], HAS_WINDOW=has_window,
-                        HAS_LEFT=win_left != UNBOUNDED,
-                        HAS_SOFTCAP=has_softcap, HAS_BIAS=bias is not None,
-                        HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=has_dropout)
-    scalars_tail = (p["seqlen_q_dense"], p["seqlen_k_dense"], dmask_rows, dmask_cols, hq, p["group"],
-                    qk_scale_log2, softcap_inv_scale, softcap_log2, float(softmax_scale),
-                    win_left, win_right, sink_size)
-    rng = rng_state if has_dropout else dummy
-    alibi_arg = alibi_slopes if alibi_slopes is not None else dummy
-    bias_arg = bias if bias is not None else dummy
-    stride_bias_m = bias.stride(0) if bias is not None else 0
-
-    n_blocks = cdiv(p["max_sk"], cfg_kv["BLOCK_N"])
-    # few kv heads (GQA/MQA) and short keys leave most SMs idle when one program walks a whole
-    # group: then one program per query head, partial dK/dV summed over the group on the host
-    if split_group is None:
-        split_group = n_blocks * hk * batch < 2 * _sm_count(dev)
-    split_group = bool(split_group) and p["group"] > 1
-    if split_group:
-        dk_out = torch.zeros((*k.shape[:-2], hq, k.shape[-1]), dtype=torch.float32, device=dev)
-        dv_out = torch.zeros((*v.shape[:-2], hq, v.shape[-1]), dtype=torch.float32, device=dev)
-    else:
-        dk_out, dv_out = dk, dv
-    grid_kv = (n_blocks, hq if split_group else hk, batch)
-    if dq_atomic is None:
-        dq_atomic = os.environ.get("AITER_MHA_DQ_ATOMIC", "0") == "1"
-    dq_atomic = bool(dq_atomic) and not deterministic
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev) if dq_atomic else None
-    bwd_dkdv_kernel[grid_kv](
-        q, k, v, do, lse, delta, dk_out, dv_out, dbias_buf if dbias_buf is not None else dummy,
-        dq_acc if dq_acc is not None else dummy,
-        *p["q_strides"], *p["k_strides"], *p["v_strides"], *_strides3(do, varlen),
-        *_strides3(dk_out, varlen), *_strides3(dv_out, varlen),
-        *(_strides3(dq_acc, varlen) if dq_acc is not None else (0, 0, 0)), *l_strides,
-        cu_q, cu_k, st_q, st_k,
-        alibi_arg, stride_ab, bias_arg, stride_bias_m,
-        dbias_buf.stride(0) if dbias_mode == 2 else 0,
-        dbias_buf.stride(-2) if dbias_buf is not None else 0,
-        rng, float(dropout_p), *scalars_tail,
-        BLOCK_M=cfg_kv["BLOCK_M"], BLOCK_N=cfg_kv["BLOCK_N"], DBIAS_MODE=dbias_mode,
-        SPLIT_GROUP=split_group, DQ_ATOMIC=dq_atomic,
-        # the masked tail loop over query blocks is needed only for a left bound or ragged rows
-        TAIL_Q=varlen or win_left != UNBOUNDED or p["max_sq"] % cfg_kv["BLOCK_M"] != 0,
-        num_warps=cfg_kv["num_warps"], num_stages=cfg_kv["num_stages"], **common_flags,
-    )
-    if split_group:
-        # fixed summation order over the group: still bitwise reproducible
-        dk.copy_(dk_out.unflatten(-2, (hk, p["group"])).sum(-2))
-        dv.copy_(dv_out.unflatten(-2, (hk, p["group"])).sum(-2))
-    if dq_atomic:
-        dq.copy_(dq_acc)  # dQ was accumulated by the dK/dV kernel
-    else:
-        grid_q = (cdiv(p["max_sq"], cfg_q["BLOCK_M"]), hq, batch)
-        bwd_dq_kernel[grid_q](
-            q, k, v, do, lse, delta, dq,
-            *p["q_strides"], *p["k_strides"], *p["v_strides"], *_strides3(do, varlen),
-            *_strides3(dq, varlen), *l_strides,
-            cu_q, cu_k, st_q, st_k,
-            alibi_arg, stride_ab, bias_arg, stride_bias_m,
-            rng, float(dropout_p), *scalars_tail,
-            BLOCK_M=cfg_q["BLOCK_M"], BLOCK_N=cfg_q["BLOCK_N"], REVERSE_M=has_window,
-            num_warps=cfg_q["num_warps"], num_stages=cfg_q["num_stages"], **common_flags,
-        )
-    if compute_dbias:
-        dbias = dbias_buf.sum(dim=0) if dbias_mode == 2 else dbias_buf
-    return dq, dk, dv, delta, dsink, dbias

@@ -1,19 +1,30 @@
 """Launch configs per head-dim bucket (no autotuning: one fixed config per shape class keeps the
 first call cheap and CUDA-graph capture deterministic).
 
-Buckets are keyed by the padded head dim max(BLOCK_DQK, BLOCK_DV). ``AITER_MHA_FWD_CONFIG`` /
-``AITER_MHA_BWD_CONFIG`` (JSON, e.g. '{"BLOCK_M":128,"BLOCK_N":64,"num_warps":8,"num_stages":3}';
-the backward also takes '{"dkdv": {...}, "dq": {...}}') override the choice, for tuning sweeps on
-a GPU; flash_fwd / flash_bwd take the same dicts as ``config=``. Every entry here is cross-compiled for sm_90 by
-tests/test_compile_sm90.py, which checks the shared-memory budget (232448 bytes per block).
+Buckets are keyed by the padded head dim max(BLOCK_DQK, BLOCK_DV). ``launch.py`` picks from these
+tables per Call key (cached) and applies the one override syntax of ``aiter_core.configs``:
+``AITER_MHA_FWD_CONFIG`` for the forward kernel, ``AITER_MHA_BWD_DKDV_CONFIG`` and
+``AITER_MHA_BWD_DQ_CONFIG`` for the backward's two kernels, e.g.
+``AITER_MHA_FWD_CONFIG="BLOCK_M=128,BLOCK_N=64,num_warps=8,num_stages=3"``. Every entry here is
+cross-compiled for sm_90 by tests/test_compile_sm90.py, which checks the shared-memory budget
+(232448 bytes per block).
 """
 
 from __future__ import annotations
 
-import json
-import os
+from typing import NamedTuple
 
-import triton
+from aiter_core.triton_utils import next_pow2
+
+
+class TileConfig(NamedTuple):
+    """One kernel's launch config: query rows and keys per tile, warps, pipeline stages."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+
 
 # First chosen from sm_90 cross-compiles (ptxas register / spill report, shared-memory size), then
 # the d=128 entries re-picked from a timed sweep on the H100 (Triton 3.6, b2 h16 d128 bf16,
@@ -24,34 +35,34 @@ import triton
 # Non-causal d<=128 takes BLOCK_N 128 (no spills, <=164 KB smem at 2 stages for d128; 3 stages
 # would need 224 KB, too close to the 227 KB limit to be safe across Triton versions).
 FWD_CONFIGS = {
-    "DEFAULT": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    32: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-    64: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-    128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-    256: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    "DEFAULT": TileConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    32: TileConfig(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    64: TileConfig(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    128: TileConfig(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    256: TileConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
 }
 # Causal / windowed: the masked diagonal blocks raise register pressure (BLOCK_N 128 spills at d128).
 FWD_MASKED_CONFIGS = {
-    "DEFAULT": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    32: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-    256: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+    "DEFAULT": TileConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    32: TileConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    64: TileConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    128: TileConfig(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    256: TileConfig(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
 }
 # Philox dropout adds ~60 registers per tile element group: BLOCK_N 64 (128 spills kilobytes).
 FWD_DROPOUT_CONFIGS = {
-    "DEFAULT": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    32: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    256: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+    "DEFAULT": TileConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    32: TileConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    64: TileConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    128: TileConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    256: TileConfig(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
 }
 FWD_FP8_CONFIGS = {
-    "DEFAULT": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    32: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    64: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-    128: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-    256: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    "DEFAULT": TileConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    32: TileConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    64: TileConfig(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    128: TileConfig(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    256: TileConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
 }
 
 # Backward. dK/dV kernel: BLOCK_N keys are the wgmma M side (128 rows = two warpgroups), BLOCK_M
@@ -61,40 +72,33 @@ FWD_FP8_CONFIGS = {
 # d=128 timed on the H100: dK/dV 3 stages 347 vs 299 TFLOP/s (non-causal s=8k); dQ 3 stages
 # 318-334 vs 287-307.
 BWD_CONFIGS = {
-    "DEFAULT": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
-    32: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
-    64: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
-    128: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
-    256: dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
+    "DEFAULT": TileConfig(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+    32: TileConfig(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+    64: TileConfig(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+    128: TileConfig(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+    256: TileConfig(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2),
 }
 BWD_DQ_CONFIGS = {
-    "DEFAULT": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    32: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    "DEFAULT": TileConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    32: TileConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    64: TileConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    128: TileConfig(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    256: TileConfig(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
 }
 
 
 def _bucket(d_qk: int, d_v: int) -> int:
-    d = max(16, triton.next_power_of_2(max(int(d_qk), int(d_v))))
+    d = max(16, next_pow2(max(int(d_qk), int(d_v))))
     return 32 if d <= 32 else d
 
 
-def _pick(table: dict, d_qk: int, d_v: int) -> dict:
-    return dict(table.get(_bucket(d_qk, d_v), table["DEFAULT"]))
-
-
-def _env_override(name: str):
-    raw = os.environ.get(name)
-    return json.loads(raw) if raw else None
+def _pick(table: dict, d_qk: int, d_v: int) -> TileConfig:
+    return table.get(_bucket(d_qk, d_v), table["DEFAULT"])
 
 
 def fwd_config(d_qk: int, d_v: int, *, is_fp8: bool = False, dropout: bool = False,
-               causal: bool = False, has_bias: bool = False) -> dict:
-    override = _env_override("AITER_MHA_FWD_CONFIG")
-    if override:
-        return override
+               causal: bool = False, has_bias: bool = False) -> TileConfig:
+    """The forward kernel's default config (``causal``: any causal or windowed mask)."""
     if is_fp8:
         cfg = _pick(FWD_FP8_CONFIGS, d_qk, d_v)
     elif dropout:
@@ -106,30 +110,18 @@ def fwd_config(d_qk: int, d_v: int, *, is_fp8: bool = False, dropout: bool = Fal
     if has_bias:
         # the bias tile (BLOCK_M x BLOCK_N) is pipelined through shared memory too: a third stage
         # of it no longer fits at d128 / BLOCK_N 128 (262144 > 232448 bytes)
-        cfg["num_stages"] = min(cfg["num_stages"], 2)
+        cfg = cfg._replace(num_stages=min(cfg.num_stages, 2))
     return cfg
-
-
-def split_bwd_config(config: dict) -> tuple[dict | None, dict | None]:
-    """A backward override is either one flat config for both kernels or
-    {"dkdv": {...}, "dq": {...}} (either key may be left out)."""
-    if "dkdv" in config or "dq" in config:
-        return config.get("dkdv"), config.get("dq")
-    return dict(config), dict(config)
 
 
 # Causal / windowed dK/dV at d=128: 64 query rows per step beat 32 on the H100 (320 vs 301
 # TFLOP/s at s=16k, 301 vs 278 at s=8k): the masked diagonal blocks amortize better over taller steps.
-BWD_MASKED_CONFIGS = {128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)}
+BWD_MASKED_CONFIGS = {128: TileConfig(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)}
 
 
-def bwd_configs(d_qk: int, d_v: int, config: dict | None = None, *, masked: bool = False) -> tuple[dict, dict]:
-    """(dK/dV kernel config, dQ kernel config); ``config`` (or AITER_MHA_BWD_CONFIG) overrides."""
+def bwd_configs(d_qk: int, d_v: int, *, masked: bool = False) -> tuple[TileConfig, TileConfig]:
+    """(dK/dV kernel config, dQ kernel config), the defaults."""
     cfg_kv, cfg_q = _pick(BWD_CONFIGS, d_qk, d_v), _pick(BWD_DQ_CONFIGS, d_qk, d_v)
     if masked and _bucket(d_qk, d_v) in BWD_MASKED_CONFIGS:
-        cfg_kv = dict(BWD_MASKED_CONFIGS[_bucket(d_qk, d_v)])
-    override = config or _env_override("AITER_MHA_BWD_CONFIG")
-    if override:
-        kv, q = split_bwd_config(override)
-        cfg_kv, cfg_q = kv or cfg_kv, q or cfg_q
-    return dict(cfg_kv), dict(cfg_q)
+        cfg_kv = BWD_MASKED_CONFIGS[_bucket(d_qk, d_v)]
+    return cfg_kv, cfg_q
