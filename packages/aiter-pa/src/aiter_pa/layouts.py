@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 
 from aiter_core.quant import KVQuant, kv_storage_dtype
+from aiter_core.triton_utils import max_element_offset
 
 __all__ = [
     "LAYOUTS",
@@ -105,12 +106,6 @@ def _nhd_like(shape, stride, layout: str) -> Addressing:
     return Addressing(stride[0], stride[1], shape[2], 0, stride[2], shape[3], 0, stride[3])  # HND
 
 
-def _max_offset(shape, stride) -> int:
-    if 0 in shape:
-        return -1
-    return sum((size - 1) * st for size, st in zip(shape, stride))
-
-
 def describe_kv_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, layout: str | None = None) -> PagedKV:
     """Layout, sizes and addressing of a (key_cache, value_cache) pair; ValueError on mismatch.
 
@@ -129,7 +124,7 @@ def describe_geometry(kshape: tuple, kstride: tuple, vshape: tuple, vstride: tup
     """:func:`describe_kv_cache` from the caches' shapes and strides (cached: a serving process
     has a handful of cache geometries, and a decode call pays a dict lookup instead of building
     the addressing again)."""
-    max_offset = max(_max_offset(kshape, kstride), _max_offset(vshape, vstride))
+    max_offset = max(max_element_offset(kshape, kstride), max_element_offset(vshape, vstride))
     if len(kshape) == 5:
         nb, H, cx_groups, bs, x = kshape
         C = cx_groups * x

@@ -35,7 +35,7 @@ import torch
 
 from aiter_core import configs, env
 from aiter_core import triton_attn as ta
-from aiter_core.triton_utils import cdiv, install_compile_notice, interpreter_active
+from aiter_core.triton_utils import cdiv, install_compile_notice, interpreter_active, next_pow2
 
 from ..checks import MODE_BLOCK, MODE_INT4, CacheWrite, CopyBlocks, PagedCall, PagedKey, split_head_dim
 from ..layouts import Addressing
@@ -56,9 +56,8 @@ _INTERPRET = interpreter_active()  # Triton fixed its mode when it was imported 
 
 
 def _pow2(n: int, lo: int = 1) -> int:
-    """The smallest power of two >= ``n``, at least ``lo`` (``triton.next_power_of_2`` is a
-    constexpr function: ~10 us per host call under Triton 3.6)."""
-    return max(lo, 1 << (max(n, 1) - 1).bit_length())
+    """The smallest power of two >= ``n``, at least ``lo``."""
+    return max(lo, next_pow2(n))
 
 
 
