@@ -95,9 +95,12 @@ def _draw_rng_state(device: torch.device) -> Tensor:
 
 
 def rng_states(call: FwdCall, device: torch.device) -> tuple:
-    """(dropout state the backend uses or None, state the op returns): zeros without dropout, a
-    device-side draw when none was given, else a copy of the given one (an op cannot return its input)."""
+    """(dropout state the backend uses or None, state the op returns): zeros without dropout (None
+    for the ops that return no state), a device-side draw when none was given, else a copy of the
+    given one (an op cannot return its input)."""
     if call.dropout_p <= 0.0:
+        if call.form > FORM_TRAINING:
+            return None, None
         return None, torch.zeros(2, dtype=torch.int64, device=device)
     if call.rng_state is None:
         state = _draw_rng_state(device)
@@ -115,7 +118,7 @@ def fwd_result(call: FwdCall, out: Tensor, lse: Tensor, s_dmask, rng_state):
     if form == FORM_OUT_LSE:
         return out, lse
     if form == FORM_KVCACHE:
-        return out, (lse if call.return_lse else empty(out))
+        return out, lse  # flash_attn_with_kvcache returns lse only when asked
     return ((empty(out, out.dtype) if call.out is not None else out), (lse if call.return_lse else empty(out)),
             (s_dmask if call.return_dropout_mask else empty(out)), rng_state)
 
