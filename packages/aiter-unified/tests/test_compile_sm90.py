@@ -97,3 +97,71 @@ def test_config_compiles_and_fits_sm90(cfg, offset_bits):
         c = p.consts
         print(f"{cfg}: BLOCK_M {c['BLOCK_M']} TILE_N {c['TILE_N']} segs {segments} blocks/seq {c['BLOCKS_PER_SEQ']} "
               f"warps {c['num_warps']} stages {c['num_stages']}: {kernel.metadata.shared} bytes shared")
+
+
+# ----------------------------------------------------------------------------- every accepted specialisation
+# Every head dim the checks accept compiles, with each dtype combination and both mask kinds (all
+# optional features off, and all on: window, soft cap, ALiBi, qq_bias, sinks), in the decode
+# (split-KV) and mixed prefill (two one-pass launches) forms. The default run compiles a
+# representative grid (the odd head dims, each dtype, each mask kind, each form at least once);
+# AITER_UNIFIED_COMPILE_FULL=1 compiles the full product (several hundred kernels).
+FULL = os.environ.get("AITER_UNIFIED_COMPILE_FULL", "0") == "1"
+F16, F32 = torch.float16, torch.float32
+HEAD_DIMS = (16, 24, 32, 40, 59, 64, 80, 96, 111, 128, 160, 192, 224, 256, 320, 384, 512)
+DTYPES = {"fp16": (F16, F16, F16), "bf16": (BF16, BF16, BF16), "fp32": (F32, F32, F32),
+          "bf16-fp8kv": (BF16, FP8, BF16), "fp16-fp8kv": (F16, FP8, F16), "fp8": (FP8, FP8, BF16)}
+MASKS = {"plain": "", "every-feature": "window,alibi,qq,sinks,softcap"}
+FORMS = {"decode-3d": (1, 1024, "3d"), "short-2d": (7, 512, "2d"), "prefill-2d": (96, 768, "2d")}
+REPRESENTATIVE = [
+    (40, "fp16", "every-feature", "prefill-2d"), (59, "bf16", "plain", "decode-3d"),
+    (59, "fp32", "every-feature", "short-2d"), (80, "bf16-fp8kv", "every-feature", "decode-3d"),
+    (111, "fp16", "every-feature", "prefill-2d"), (111, "fp8", "plain", "short-2d"),
+    (128, "fp32", "plain", "prefill-2d"), (128, "fp32", "every-feature", "decode-3d"),
+    (160, "bf16", "every-feature", "prefill-2d"), (192, "fp16-fp8kv", "plain", "decode-3d"),
+    (224, "bf16", "every-feature", "short-2d"), (256, "fp32", "every-feature", "prefill-2d"),
+    (512, "fp32", "plain", "decode-3d"), (24, "bf16", "every-feature", "decode-3d"),
+]
+GRID = [(d, dt, m, f) for d in HEAD_DIMS for dt in DTYPES for m in MASKS for f in FORMS] if FULL else REPRESENTATIVE
+
+
+def compile_call(d, dtypes, features, form, *, hq=8, hk=2, bs=16):
+    qdt, kvdt, odt = dtypes
+    mq, mk, kind = form
+    feats = set(features.split(",")) - {""}
+    num_seqs, tokens = 4, max(4 * mq, 4)
+    q = torch.empty(tokens, hq, d, dtype=qdt, device=META)
+    k = torch.empty(256, bs, hk, d, dtype=kvdt, device=META)
+    i32 = dict(dtype=torch.int32, device=META)
+    scalar = torch.empty(1, device=META)
+    fp8_kv = kvdt == FP8
+    call = check_call(
+        q, k, k, torch.empty(tokens, hq, d, dtype=odt, device=META), torch.empty(num_seqs + 1, **i32), mq,
+        torch.empty(num_seqs, **i32), mk, 0.1, True, (127 if "window" in feats else -1, 0),
+        torch.empty(num_seqs, -(-mk // bs), **i32), 30.0 if "softcap" in feats else 0.0,
+        scalar if qdt == FP8 else None, scalar if fp8_kv else None, scalar if fp8_kv else None,
+        sinks=torch.empty(hq, device=META) if "sinks" in feats else None,
+        alibi_slopes=torch.empty(hq, device=META) if "alibi" in feats else None,
+        qq_bias=torch.empty(mq, mq, device=META) if "qq" in feats else None)
+    compiled = []
+    for p in plan(call, force=kind):
+        segs = None
+        if p.grid[2] > 1:
+            s, block_d = p.grid[2], p.consts["BLOCK_D"]
+            segs = (torch.empty(tokens, hq, s, block_d, device=META), torch.empty(tokens, hq, s, device=META),
+                    torch.empty(tokens, hq, s, device=META))
+        consts = {n: v for n, v in p.consts.items() if n not in p.config.options}
+        compiled.append(compile_sm90(unified_attn_kernel, kernel_args(call, p, segs), consts,
+                                     p.config.options["num_warps"], p.config.options["num_stages"]))
+    return compiled
+
+
+@pytest.mark.parametrize("d,dtypes,mask,form", GRID, ids=["-".join(map(str, c)) for c in GRID])
+def test_every_accepted_specialisation_compiles(d, dtypes, mask, form):
+    compiled = compile_call(d, DTYPES[dtypes], MASKS[mask], FORMS[form])
+    assert len(compiled) == (2 if form == "prefill-2d" and d <= 128 else 1)
+
+
+def test_representative_grid_covers_each_axis():
+    assert {c[0] for c in REPRESENTATIVE} >= {40, 59, 111, 160, 192, 224}
+    assert {c[1] for c in REPRESENTATIVE} == set(DTYPES)
+    assert {c[2] for c in REPRESENTATIVE} == set(MASKS) and {c[3] for c in REPRESENTATIVE} == set(FORMS)

@@ -55,14 +55,16 @@ def _triton_launch():
 
 
 def reference_unified_attention(call) -> None:
-    from .reference import unified_attention_ref
+    from .reference import covered_rows, unified_attention_ref
 
     res = unified_attention_ref(call.q, call.k, call.v, call.cu_seqlens_q, call.seqused_k, call.block_table,
                                 call.softmax_scale, window_size=call.window_size, softcap=call.softcap,
                                 q_descale=call.q_descale, k_descale=call.k_descale, v_descale=call.v_descale,
                                 alibi_slopes=call.alibi_slopes, output_scale=call.output_scale,
-                                qq_bias=call.qq_bias, sinks=call.sinks, out_dtype=call.out.dtype)
-    call.out.copy_(res)
+                                qq_bias=call.qq_bias, sinks=call.sinks, out_dtype=call.out.dtype,
+                                max_seqlen_q=call.max_seqlen_q)
+    rows = covered_rows(call.cu_seqlens_q, call.num_tokens).to(call.device)  # the Triton kernels' rows
+    call.out[rows] = res[rows]
 
 
 def backend_specs() -> list[BackendSpec]:

@@ -13,6 +13,7 @@ checked the same way: it is the same function.
 
 from __future__ import annotations
 
+import math
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -40,6 +41,7 @@ SHORT_Q = 16  # sequences with at most this many new tokens run on the small (de
 _I32 = torch.int32
 _new = tuple.__new__
 _F32 = torch.float32
+_INF = float("inf")
 
 __all__ = ["Call", "Key", "unified_attention", "unified_attention_segments", "skip_reduce_flag", "SHORT_Q"]
 
@@ -149,11 +151,11 @@ def unified_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor, cu_seqlens_q
     if head_dim_k != head_dim:
         raise ValueError(f"k's head dim (last) must equal q's {head_dim}, got {head_dim_k}")
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
+        raise ValueError(f"head dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}] (q.shape[2]), got {head_dim}")
     if not MIN_BLOCK <= block_size <= MAX_BLOCK:
         raise ValueError(f"block_size (k.shape[1]) must be in [{MIN_BLOCK}, {MAX_BLOCK}], got {block_size}")
     if heads_kv == 0 or heads_q % heads_kv != 0:
-        raise ValueError(f"q heads ({heads_q}) must be a multiple of the KV heads ({heads_kv})")
+        raise ValueError(f"q heads ({heads_q}) must be a multiple of the KV heads (k.shape[2]={heads_kv})")
     if out_shape != q_shape:
         raise ValueError(f"out must have q's shape {tuple(q_shape)}, got {tuple(out_shape)}")
     q_stride, out_stride, k_stride, v_stride = q.stride(), out.stride(), k.stride(), v.stride()
@@ -178,9 +180,19 @@ def unified_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor, cu_seqlens_q
     if num_seqs < 1:
         raise ValueError(f"cu_seqlens_q must have num_seqs + 1 >= 2 entries, got shape {tuple(cu_shape)}")
     if used_shape[0] != num_seqs:
-        raise ValueError(f"seqused_k must have num_seqs={num_seqs} entries, got {used_shape[0]}")
+        raise ValueError(f"seqused_k must have num_seqs={num_seqs} entries (cu_seqlens_q has {num_seqs + 1}), "
+                         f"got {used_shape[0]}")
     if table_shape[0] < num_seqs:
         raise ValueError(f"block_table must have at least num_seqs={num_seqs} rows, got {table_shape[0]}")
+    if cu_seqlens_q.stride(0) != 1 or (seqused_k.stride(0) != 1 and num_seqs > 1):
+        for name, x in (("cu_seqlens_q", cu_seqlens_q), ("seqused_k", seqused_k)):
+            if x.stride(0) != 1 and x.shape[0] > 1:
+                raise ValueError(f"{name} must be contiguous (unit stride), got stride {x.stride(0)}: "
+                                 f"pass {name}.contiguous()")
+    table_stride = block_table.stride()
+    if table_stride[1] != 1 and table_shape[1] > 1:
+        raise ValueError(f"block_table must have unit stride along its block axis (dim 1), got strides "
+                         f"{tuple(table_stride)}: pass block_table.contiguous()")
 
     # host values
     if type(max_seqlen_q) is not int or max_seqlen_q < 1:
@@ -193,8 +205,9 @@ def unified_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor, cu_seqlens_q
     if table_shape[1] * block_size < max_seqlen_k:
         raise ValueError(f"block_table has {table_shape[1]} blocks of {block_size} per sequence, fewer than "
                          f"max_seqlen_k={max_seqlen_k} tokens")
-    if type(softmax_scale) is not float or not softmax_scale > 0.0:
+    if type(softmax_scale) is not float or not 0.0 < softmax_scale < _INF:
         softmax_scale = check_float("softmax_scale", softmax_scale, above=0.0)  # folded into exp2's FMA
+        _check_finite("softmax_scale", softmax_scale)
     if (type(window_size) is tuple or type(window_size) is list) and len(window_size) == 2 and \
             type(window_size[0]) is int and type(window_size[1]) is int:
         left = window_size[0]
@@ -203,8 +216,9 @@ def unified_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor, cu_seqlens_q
         left = int(window_size[0])  # an int subclass
     else:
         raise ValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
-    if type(softcap) is not float or softcap < 0.0:
+    if type(softcap) is not float or not 0.0 <= softcap < _INF:
         softcap = check_float("softcap", softcap, minimum=0.0)
+        _check_finite("softcap", softcap)
 
     # optional tensors
     if q_descale is not None:
@@ -236,7 +250,7 @@ def unified_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor, cu_seqlens_q
         q, k, v, out, cu_seqlens_q, seqused_k, block_table, max_seqlen_q, max_seqlen_k, softmax_scale, window_size,
         left + 1 if left >= 0 else 0, softcap, q_descale, k_descale, v_descale, alibi_slopes, output_scale, qq_bias,
         sinks, num_tokens, num_seqs, num_blocks, table_shape[1], device, q_stride, out_stride, k_stride, v_stride,
-        block_table.stride(), key, backend))
+        table_stride, key, backend))
 
 
 # the skip_reduce form: same arguments, same checks (its backends return the segment buffers)
@@ -284,10 +298,18 @@ def _offset_bits(shape, k_stride, v_stride) -> int:
     return 32 if top < 2**31 else 64
 
 
+def _check_finite(name: str, value) -> None:
+    """A NaN or infinite scale / soft cap is refused (it would turn every score into NaN or 0)."""
+    if not isinstance(value, torch.SymFloat) and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
 def _check_per_head(name: str, x, heads_q: int, device: torch.device) -> None:
     check_tensor(name, x, ndim=1)
     if x.shape[0] != heads_q or x.dtype != _F32:
         raise ValueError(f"{name} must be float32 [{heads_q}] (one per q head), got {describe(x)}")
+    if x.stride(0) != 1 and heads_q > 1:
+        raise ValueError(f"{name} must be contiguous (unit stride), got stride {x.stride(0)}")
     check_device(name, x, device, like="q")
 
 

@@ -35,12 +35,37 @@ from aiter_core import triton_attn as ta
 
 
 @triton.jit
-def _find_seq(cu_q_ptr, qblock, num_seqs, BLOCK_Q: tl.constexpr):
+def _clamp_row(x, num_tokens):
+    # a cu_seqlens_q entry clamped into [0, num_tokens]: no index content reaches past q / out
+    return tl.minimum(tl.maximum(x, 0), num_tokens)
+
+
+@triton.jit
+def _flag_rows(out_ptr, so_ptr, sm_ptr, ss_ptr, q_rows, head, ok, offs_d, d_ok, s_ot, s_oh, s_od, s_sot, s_soh,
+               s_sos, s_smt, s_smh, s_sms, seg, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               NUM_SEGMENTS: tl.constexpr):
+    # rows past max_seqlen_q: written NaN (flagged), never left unwritten. Split launches write
+    # NaN outputs with max 0 and sum 1 so the merge keeps them (it skips NaN-weighted segments).
+    nan = tl.full([BLOCK_M, BLOCK_D], float("nan"), tl.float32)
+    if NUM_SEGMENTS == 1:
+        tl.store(out_ptr + q_rows[:, None] * s_ot + head[:, None] * s_oh + offs_d[None, :] * s_od,
+                 nan.to(out_ptr.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
+    else:
+        seg64 = seg.to(tl.int64)
+        tl.store(so_ptr + q_rows[:, None] * s_sot + head[:, None] * s_soh + seg64 * s_sos + offs_d[None, :], nan,
+                 mask=ok[:, None])
+        stat = q_rows * s_smt + head * s_smh + seg64 * s_sms
+        tl.store(sm_ptr + stat, tl.zeros([BLOCK_M], tl.float32), mask=ok)
+        tl.store(ss_ptr + stat, tl.full([BLOCK_M], 1.0, tl.float32), mask=ok)
+
+
+@triton.jit
+def _find_seq(cu_q_ptr, qblock, num_seqs, num_tokens, BLOCK_Q: tl.constexpr):
     lo = 0
     hi = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
-        start = tl.load(cu_q_ptr + mid) // BLOCK_Q + mid
+        start = _clamp_row(tl.load(cu_q_ptr + mid), num_tokens) // BLOCK_Q + mid
         if start <= qblock:
             lo = mid + 1
         else:
@@ -99,18 +124,31 @@ def _attend_tile(acc, m_i, l_i, q, t, offs_n, offs_d, d_ok, bt_row, num_logical_
         s_scale = qk_scale * 1.4426950408889634
     if MASKED:
         s = tl.where(keep, s, float("-inf"))
+    else:  # every key is in every row's range; a bad block id is still skipped (one select a score)
+        s = tl.where(valid[None, :], s, float("-inf"))
     m_new, alpha, p, l_new = ta.online_softmax_step_scaled(m_i, l_i, s, s_scale)
     if MASKED:
         v = tl.load(v_base + v_tok[:, None] + offs_d[None, :] * s_vd, mask=valid[:, None] & d_ok[None, :])
         # masked lanes are undefined (NaN bits possible for fp8): zero them, P is 0 there anyway
         v = tl.where(valid[:, None] & d_ok[None, :], v.to(CDT), 0.0).to(CDT)
+        pv = tl.dot(p.to(CDT), v)
+        # NaN policy: a key a row does not see must not reach it as 0 x NaN (or 0 x inf). Only
+        # tiles with a non-finite V value pay: rows that see one keep the IEEE product, the
+        # others take the product with those values zeroed.
+        bad = (v != v) | (tl.abs(v.to(tl.float32)) == float("inf"))
+        if tl.max(tl.max(bad.to(tl.int32), 1), 0) > 0:
+            seen = tl.dot(keep.to(CDT), bad.to(CDT))
+            pv = tl.where(seen > 0, pv, tl.dot(p.to(CDT), tl.where(bad, 0.0, v).to(CDT)))
     else:
+        # invalid block ids address a clamped block (in bounds): their V rows load as 0
         if BLOCK_D != HEAD_D:
-            v = tl.load(v_base + v_tok[:, None] + offs_d[None, :] * s_vd, mask=d_ok[None, :])
+            v = tl.load(v_base + v_tok[:, None] + offs_d[None, :] * s_vd, mask=valid[:, None] & d_ok[None, :],
+                        other=0.0)
             v = tl.where(d_ok[None, :], v.to(CDT), 0.0).to(CDT)
         else:
-            v = tl.load(v_base + v_tok[:, None] + offs_d[None, :] * s_vd).to(CDT)
-    acc = acc * alpha[:, None] + tl.dot(p.to(CDT), v)
+            v = tl.load(v_base + v_tok[:, None] + offs_d[None, :] * s_vd, mask=valid[:, None], other=0.0).to(CDT)
+        pv = tl.dot(p.to(CDT), v)
+    acc = acc * alpha[:, None] + pv
     return acc, m_new, l_new
 
 
@@ -119,7 +157,7 @@ def unified_attn_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, cu_q_ptr, seqused_ptr, bt_ptr,
     sinks_ptr, alibi_ptr, qq_ptr, qdesc_ptr, kdesc_ptr, vdesc_ptr, oscale_ptr,
     so_ptr, sm_ptr, ss_ptr,
-    num_seqs, qlen_lo, qlen_hi, num_logical_blocks, num_phys_blocks,
+    num_seqs, num_tokens, max_seqlen_q, qlen_lo, qlen_hi, num_logical_blocks, num_phys_blocks,
     s_qt, s_qh, s_ot, s_oh,
     s_kblk, s_ktok, s_kh, s_vblk, s_vtok, s_vh,
     s_bt, s_qq,
@@ -139,30 +177,46 @@ def unified_attn_kernel(
     kvh = tl.program_id(1)
     seg = tl.program_id(2)
 
+    # cu_seqlens_q entries are clamped into [0, num_tokens] (an empty or reversed range: nothing)
     if BLOCKS_PER_SEQ > 0:  # a fixed number of query blocks per sequence, no search
         seq = qblock // BLOCKS_PER_SEQ
-        q_begin = tl.load(cu_q_ptr + seq)
-        qlen = tl.load(cu_q_ptr + seq + 1) - q_begin
+        q_begin = _clamp_row(tl.load(cu_q_ptr + seq), num_tokens)
+        qlen = _clamp_row(tl.load(cu_q_ptr + seq + 1), num_tokens) - q_begin
         local = qblock % BLOCKS_PER_SEQ
     else:
-        seq = _find_seq(cu_q_ptr, qblock, num_seqs, BLOCK_Q)
-        q_begin = tl.load(cu_q_ptr + seq)
-        qlen = tl.load(cu_q_ptr + seq + 1) - q_begin
+        seq = _find_seq(cu_q_ptr, qblock, num_seqs, num_tokens, BLOCK_Q)
+        q_begin = _clamp_row(tl.load(cu_q_ptr + seq), num_tokens)
+        qlen = _clamp_row(tl.load(cu_q_ptr + seq + 1), num_tokens) - q_begin
         local = qblock - (q_begin // BLOCK_Q + seq)
     if (local * BLOCK_Q >= qlen) | (qlen <= qlen_lo) | (qlen > qlen_hi):
         return
-    kv_len = tl.load(seqused_ptr + seq)
+    # the KV length is clamped into [0, what the block table holds]
+    kv_len = tl.minimum(tl.maximum(tl.load(seqused_ptr + seq), 0), num_logical_blocks * KV_BLOCK)
     ctx = kv_len - qlen
 
     offs_m = tl.arange(0, BLOCK_M)
     qt = local * BLOCK_Q + offs_m // GROUP_P2
     in_group = offs_m % GROUP_P2
-    row_ok = (qt < qlen) & (in_group < GROUP)
+    store_ok = (qt < qlen) & (in_group < GROUP)
+    # rows at or past max_seqlen_q (a bound smaller than the sequence) are not computed: flagged NaN
+    qlim = tl.minimum(qlen, max_seqlen_q)
+    row_ok = (qt < qlim) & (in_group < GROUP)
     head = kvh * GROUP + in_group
     qpos = ctx + qt
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
     q_rows = (q_begin + qt).to(tl.int64)
+    if BLOCKS_PER_SEQ > 0:
+        # rows past the fixed blocks of a sequence (more new tokens than max_seqlen_q allows)
+        if (local == BLOCKS_PER_SEQ - 1) & (qlen > BLOCKS_PER_SEQ * BLOCK_Q):
+            for r0 in range(BLOCKS_PER_SEQ * BLOCK_Q, qlen, BLOCK_Q):
+                _flag_rows(out_ptr, so_ptr, sm_ptr, ss_ptr, (q_begin + r0 + offs_m // GROUP_P2).to(tl.int64), head,
+                           (r0 + offs_m // GROUP_P2 < qlen) & (in_group < GROUP), offs_d, d_ok, s_ot, s_oh, s_od,
+                           s_sot, s_soh, s_sos, s_smt, s_smh, s_sms, seg, BLOCK_M, BLOCK_D, NUM_SEGMENTS)
+    if local * BLOCK_Q >= qlim:  # every row of the block is past max_seqlen_q
+        _flag_rows(out_ptr, so_ptr, sm_ptr, ss_ptr, q_rows, head, store_ok, offs_d, d_ok, s_ot, s_oh, s_od,
+                   s_sot, s_soh, s_sos, s_smt, s_smh, s_sms, seg, BLOCK_M, BLOCK_D, NUM_SEGMENTS)
+        return
     q = tl.load(q_ptr + q_rows[:, None] * s_qt + head[:, None] * s_qh + offs_d[None, :] * s_qd,
                 mask=row_ok[:, None] & d_ok[None, :])
     q = tl.where(row_ok[:, None] & d_ok[None, :], q.to(CDT), 0.0).to(CDT)
@@ -189,7 +243,7 @@ def unified_attn_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     # keys this block can see: causal end of its last row, window start of its first row
-    last_q = tl.minimum(local * BLOCK_Q + BLOCK_Q, qlen) - 1
+    last_q = tl.minimum(local * BLOCK_Q + BLOCK_Q, qlim) - 1
     kv_end = ctx + last_q + 1
     num_tiles = tl.cdiv(kv_end, TILE_N)
     first_tile = 0
@@ -243,17 +297,22 @@ def unified_attn_kernel(
     o, lse = ta.online_softmax_finalize(acc, m_i, l_i)
     if HAS_KVDESC:
         o = o * tl.load(vdesc_ptr)
+    flag = store_ok & (qt >= qlim)  # rows past max_seqlen_q in this block
     if NUM_SEGMENTS == 1:
         if HAS_OSCALE:
             o = o / tl.load(oscale_ptr)
         if OUT_FP8_MAX > 0:
             o = tl.minimum(tl.maximum(o, -OUT_FP8_MAX), OUT_FP8_MAX)
+        o = tl.where(flag[:, None], float("nan"), o)
         tl.store(out_ptr + q_rows[:, None] * s_ot + head[:, None] * s_oh + offs_d[None, :] * s_od,
-                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+                 o.to(out_ptr.dtype.element_ty), mask=store_ok[:, None] & d_ok[None, :])
     else:
+        # a NaN max or sum (a NaN or inf score the row sees) is stored as a NaN output of weight 1:
+        # the merge keeps it (it skips segments whose weight is NaN); flagged rows the same way
+        flag = flag | (l_i != l_i)
         seg64 = seg.to(tl.int64)
         tl.store(so_ptr + q_rows[:, None] * s_sot + head[:, None] * s_soh + seg64 * s_sos + offs_d[None, :],
-                 o, mask=row_ok[:, None])
+                 tl.where(flag[:, None], float("nan"), o), mask=store_ok[:, None])
         stat = q_rows * s_smt + head * s_smh + seg64 * s_sms
-        tl.store(sm_ptr + stat, m_i * 0.6931471805599453, mask=row_ok)
-        tl.store(ss_ptr + stat, l_i, mask=row_ok)
+        tl.store(sm_ptr + stat, tl.where(flag, 0.0, m_i * 0.6931471805599453), mask=store_ok)
+        tl.store(ss_ptr + stat, tl.where(flag, 1.0, l_i), mask=store_ok)
