@@ -45,7 +45,7 @@ F32 = (torch.float32,)
 I32 = (torch.int32,)
 SLOT_DTYPES = (torch.int32, torch.int64)
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bf16", "fp16", "float16", "bfloat16")
-MAX_ROPE_KV_HEADS = 16  # fused_qk_rope_cat_and_cache_mla: KV heads of one program
+MAX_ROPE_KV_HEADS = 16  # the RoPE cache kernel's head block (triton.launch.ROPE_BLOCK_HQ): KV heads it writes
 MAX_Q_BLOCK = 64  # query tokens per CTA never exceed this (see triton.launch.tiling)
 
 __all__ = [

@@ -23,7 +23,7 @@ from aiter_core.arch import get_arch_info
 from aiter_core.triton_attn import max_element_offset, splitk_merge
 from aiter_core.triton_utils import cdiv, install_compile_notice, interpreter_active, next_pow2
 
-from ..checks import FP8_DTYPES, q_block
+from ..checks import FP8_DTYPES, MAX_ROPE_KV_HEADS, q_block
 from .attention import mla_attn_kernel, mla_attn_persistent_kernel, mla_reduce_kernel
 from .cache import _concat_cache_kernel, _fused_rope_cache_kernel
 from .rope import _rope_decode_kernel
@@ -39,7 +39,7 @@ MAX_SPLITS = 16
 # its share of the merge. Used by the split heuristic below.
 SPLIT_OVERHEAD_TOKENS = 64
 MERGE_BLOCK_H = 8
-ROPE_BLOCK_HQ = 16  # query heads per program of the RoPE kernels (and the most KV heads of the cache kernel)
+ROPE_BLOCK_HQ = MAX_ROPE_KV_HEADS  # query heads per program of the RoPE kernels; the most KV heads of the cache kernel
 
 
 class TileConfig(NamedTuple):
