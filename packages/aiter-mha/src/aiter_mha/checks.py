@@ -362,6 +362,9 @@ def _required_cu(name: str, cu, batch, device) -> Tensor:
 
 def _block_table(block_table, batch, device, rows: str) -> None:
     """An int32 (batch, max_blocks_per_seq) table; ``rows`` says where the batch comes from."""
+    if (isinstance(block_table, Tensor) and block_table.dtype == torch.int32 and block_table.dim() == 2
+            and block_table.shape[0] == batch and block_table.device == device and block_table.stride(-1) == 1):
+        return
     check_tensor("block_table", block_table)
     if block_table.dtype != torch.int32:
         raise TypeError(f"block_table must have dtype int32, got {dtype_name(block_table.dtype)}")
@@ -745,12 +748,14 @@ def flash_attn_varlen_fp8_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Te
 
 
 def _cache(name: str, cache, paged: bool) -> None:
-    check_tensor(name, cache)
+    if not isinstance(cache, Tensor):
+        check_tensor(name, cache)
     if cache.dim() != 4:
         layout = ("(num_blocks, page_block_size, heads_kv, head_dim) paged cache" if paged
                   else "(batch_cache, seqlen_cache, heads_kv, head_dim)")
         check_ndim(name, cache, 4, layout)
-    check_last_dim_contiguous(name, cache)
+    if cache.stride(-1) != 1:
+        check_last_dim_contiguous(name, cache)
 
 
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
@@ -767,18 +772,23 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     ``cache_seqlens`` in ``cache_seqlens_int`` (one length for every sequence). A contiguous cache
     is attended as a paged cache with one page per row (``block_table`` = the cache rows)."""
     paged = block_table is not None
-    check_tensor("q", q)
-    check_ndim("q", q, 4, "(batch, seqlen_q, heads_q, head_dim)")
-    check_dtype("q", q, HIGH_PRECISION_DTYPES)
-    check_last_dim_contiguous("q", q)
+    if not isinstance(q, Tensor):
+        check_tensor("q", q)
+    if q.dim() != 4:
+        check_ndim("q", q, 4, "(batch, seqlen_q, heads_q, head_dim)")
+    dtype, device = q.dtype, q.device
+    if dtype not in HIGH_PRECISION_DTYPES:
+        check_dtype("q", q, HIGH_PRECISION_DTYPES)
+    if q.stride(-1) != 1:
+        check_last_dim_contiguous("q", q)
     _cache("k_cache", k_cache, paged)
     _cache("v_cache", v_cache, paged)
-    dtype, device = q.dtype, q.device
-    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if x.dtype != dtype:
-            raise TypeError(f"{name} must have dtype {dtype_name(dtype)} (the dtype of q), got {dtype_name(x.dtype)}")
-    _same_device("k_cache", k_cache, device)
-    _same_device("v_cache", v_cache, device)
+    if k_cache.dtype != dtype or v_cache.dtype != dtype:
+        name, x = ("k_cache", k_cache) if k_cache.dtype != dtype else ("v_cache", v_cache)
+        raise TypeError(f"{name} must have dtype {dtype_name(dtype)} (the dtype of q), got {dtype_name(x.dtype)}")
+    if k_cache.device != device or v_cache.device != device:
+        _same_device("k_cache", k_cache, device)
+        _same_device("v_cache", v_cache, device)
     batch, seqlen_q, heads_q, dim = q.shape
     kcs, vcs = k_cache.shape, v_cache.shape
     heads_kv, dim_v = kcs[2], vcs[3]
@@ -786,11 +796,13 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         raise ValueError(f"k_cache must have head dim {dim} (the head dim of q), got {kcs[3]}")
     if vcs[:3] != kcs[:3]:
         raise ValueError(f"v_cache must have leading dims {tuple(kcs[:3])} (those of k_cache), got {tuple(vcs[:3])}")
-    check_head_dims(dim, dim_v)
-    check_gqa(heads_q, heads_kv, k_name="k_cache")
+    if dim < MIN_HEAD_DIM or dim > MAX_HEAD_DIM or dim_v < MIN_HEAD_DIM or dim_v > MAX_HEAD_DIM:
+        check_head_dims(dim, dim_v)
+    if heads_kv < 1 or heads_q % heads_kv != 0:
+        check_gqa(heads_q, heads_kv, k_name="k_cache")
     if cache_leftpad is not None:
         raise NotImplementedError("cache_leftpad must be None: left padding of the cache is not supported")
-    check_int("num_splits", num_splits, minimum=0)
+    _int("num_splits", num_splits, 0)
     _bool("causal", causal)
     _bool("rotary_interleaved", rotary_interleaved)
     _bool("return_softmax_lse", return_softmax_lse)
@@ -809,7 +821,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     if cache_seqlens is not None:
         _int32_vector("cache_seqlens", cache_seqlens, batch, device)
     elif cache_seqlens_int is not None:
-        check_int("cache_seqlens", cache_seqlens_int, minimum=0)
+        _int("cache_seqlens", cache_seqlens_int, 0)
     elif paged:
         raise TypeError("cache_seqlens must be an int or an int32 tensor (batch,) with a paged cache, got None")
     if cache_seqlens_int is not None and cache_seqlens is not None:

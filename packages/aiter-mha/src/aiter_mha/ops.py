@@ -32,6 +32,7 @@ from aiter_core.registry import get_registry
 from . import checks
 from .checks import (
     FORM_KVCACHE,
+    FORM_LOW_LEVEL,
     FORM_OUT,
     FORM_OUT_LSE,
     FORM_TRAINING,
@@ -63,9 +64,23 @@ def fwd_shapes(call: FwdCall) -> tuple[tuple, tuple, tuple]:
     return (batch, seqlen_q, heads_q, dim_v), (batch, heads_q, seqlen_q), (batch, heads_q, seqlen_q, call.max_seqlen_k)
 
 
-def empty(like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A 0-element tensor on ``like``'s device: the slot of an output not asked for."""
-    return torch.empty(0, dtype=dtype, device=like.device)
+_EMPTIES: dict = {}
+
+
+def empty(like: Tensor, dtype: torch.dtype = torch.float32, slot: int = 0) -> Tensor:
+    """A 0-element tensor on ``like``'s device: output ``slot`` of an op when not asked for. One
+    per (device, dtype, slot), shared by every call (outputs of one call stay distinct objects): it
+    holds no data (no storage to write, nothing a CUDA graph or a stream could hold on to), and an
+    allocation costs microseconds per slot."""
+    key = (like.device, dtype, slot)
+    t = _EMPTIES.get(key)
+    if t is None:
+        t = _EMPTIES[key] = torch.empty(0, dtype=dtype, device=like.device)
+    return t
+
+
+def _fresh_empty(like: Tensor, dtype: torch.dtype = torch.float32, slot: int = 0) -> Tensor:
+    return like.new_empty(0, dtype=dtype)
 
 
 _ARANGES: dict = {}
@@ -95,38 +110,42 @@ def _draw_rng_state(device: torch.device) -> Tensor:
 
 
 def rng_states(call: FwdCall, device: torch.device) -> tuple:
-    """(dropout state the backend uses or None, state the op returns): zeros without dropout (None
-    for the ops that return no state), a device-side draw when none was given, else a copy of the
-    given one (an op cannot return its input)."""
+    """(dropout state the backend uses or None, state the op returns): without dropout, zeros for
+    the low-level ops (upstream returns them), a 0-element placeholder for the training ops (their
+    backward reads no state then) and None for the ops that return none; with dropout, a
+    device-side draw when none was given, else a copy of the given one (an op cannot return its input)."""
     if call.dropout_p <= 0.0:
-        if call.form > FORM_TRAINING:
-            return None, None
-        return None, torch.zeros(2, dtype=torch.int64, device=device)
+        if call.form == FORM_LOW_LEVEL:
+            return None, torch.zeros(2, dtype=torch.int64, device=device)
+        if call.form == FORM_TRAINING:
+            return None, empty(call.q, torch.int64, 3)
+        return None, None
     if call.rng_state is None:
         state = _draw_rng_state(device)
         return state, state
     return call.rng_state, call.rng_state.clone()
 
 
-def fwd_result(call: FwdCall, out: Tensor, lse: Tensor, s_dmask, rng_state):
+def fwd_result(call: FwdCall, out: Tensor, lse: Tensor, s_dmask, rng_state, empty=empty):
     """The op's outputs from the tensors a backend computed (``out`` is the caller's buffer when given)."""
     form = call.form
     if form == FORM_TRAINING:
-        return out, lse, (s_dmask if call.return_dropout_mask else empty(out)), rng_state
+        return out, lse, (s_dmask if call.return_dropout_mask else empty(out, torch.float32, 2)), rng_state
     if form == FORM_OUT:
         return out
     if form == FORM_OUT_LSE:
         return out, lse
     if form == FORM_KVCACHE:
         return out, lse  # flash_attn_with_kvcache returns lse only when asked
-    return ((empty(out, out.dtype) if call.out is not None else out), (lse if call.return_lse else empty(out)),
-            (s_dmask if call.return_dropout_mask else empty(out)), rng_state)
+    return ((empty(out, out.dtype, 0) if call.out is not None else out),
+            (lse if call.return_lse else empty(out, torch.float32, 1)),
+            (s_dmask if call.return_dropout_mask else empty(out, torch.float32, 2)), rng_state)
 
 
-def bwd_result(call: BwdCall, dq: Tensor, dk: Tensor, dv: Tensor, delta: Tensor):
+def bwd_result(call: BwdCall, dq: Tensor, dk: Tensor, dv: Tensor, delta: Tensor, empty=empty):
     """(dq, dk, dv, softmax_d): a 0-element placeholder where the caller passed the buffer."""
-    return (empty(dq, dq.dtype) if call.dq is not None else dq, empty(dk, dk.dtype) if call.dk is not None else dk,
-            empty(dv, dv.dtype) if call.dv is not None else dv, delta)
+    return (empty(dq, dq.dtype, 0) if call.dq is not None else dq, empty(dk, dk.dtype, 1) if call.dk is not None else dk,
+            empty(dv, dv.dtype, 2) if call.dv is not None else dv, delta)
 
 
 def _fake_fwd(check):
@@ -137,8 +156,8 @@ def _fake_fwd(check):
         out = call.out if call.out is not None else q.new_empty(out_shape, dtype=call.out_dtype)
         lse = q.new_empty(lse_shape, dtype=torch.float32)
         s_dmask = q.new_empty(dmask_shape, dtype=torch.float32) if call.return_dropout_mask else None
-        rng = q.new_empty(2, dtype=torch.int64)
-        return fwd_result(call, out, lse, s_dmask, rng)
+        rng = q.new_empty(0 if call.form == FORM_TRAINING and call.dropout_p <= 0.0 else 2, dtype=torch.int64)
+        return fwd_result(call, out, lse, s_dmask, rng, _fresh_empty)
 
     return fake
 
@@ -157,7 +176,7 @@ def _fake_bwd_result(call: BwdCall):
     grads = [buf if buf is not None else torch.empty_like(like, memory_format=torch.contiguous_format)
              for buf, like in ((call.dq, q), (call.dk, call.k), (call.dv, call.v))]
     delta = q.new_empty(tuple(call.lse.shape), dtype=torch.float32)
-    return bwd_result(call, *grads, delta)
+    return bwd_result(call, *grads, delta, _fresh_empty)
 
 
 # -- autograd formulas -----------------------------------------------------------------------------
