@@ -128,9 +128,14 @@ def test_check_float():
     with pytest.raises(ValueError, match=r"^p must be < 1.0, got 1.0$"):
         C.check_float("p", 1.0, below=1.0)
     assert C.check_float("scale", 1e-30, above=0.0) == 1e-30
-    for bad in (0.0, -0.5, float("nan")):
+    for bad in (0.0, -0.5):
         with pytest.raises(ValueError, match=r"^scale must be > 0.0, got "):
             C.check_float("scale", bad, above=0.0)
+    for bad in (float("nan"), float("inf"), -float("inf"), np.float32("nan")):
+        for bounds in ({}, {"above": 0.0}, {"minimum": 0.0}):
+            with pytest.raises(ValueError, match=r"^scale must be a finite number, got "):
+                C.check_float("scale", bad, **bounds)
+    assert C.check_float("cap", float("inf"), finite=False) == float("inf")
 
 
 def test_check_bool():
@@ -177,3 +182,65 @@ def test_fake_tensors_and_symbolic_sizes_pass():
     C.check_int32_vector("cu", cu, n, device=q.device)
     with pytest.raises(ValueError, match="^q must have shape"):
         C.check_shape("q", q, (None, 8, 16))
+
+
+def test_shared_attention_checks():
+    C.check_gqa(32, 8)
+    with pytest.raises(ValueError, match=r"^query heads \(12\) must be a multiple of the KV heads \(8\)$"):
+        C.check_gqa(12, 8)
+    with pytest.raises(ValueError, match="multiple of the KV heads"):
+        C.check_gqa(8, 0)
+    slopes = torch.ones(8)
+    assert C.check_per_head_f32("alibi_slopes", slopes, 8) is slopes
+    with pytest.raises(ValueError, match=r"^alibi_slopes must be float32 \[num_heads=4\]"):
+        C.check_per_head_f32("alibi_slopes", slopes, 4)
+    with pytest.raises(TypeError, match="^sinks must have dtype float32, got torch.float16$"):
+        C.check_per_head_f32("sinks", slopes.half(), 8)
+    with pytest.raises(ValueError, match="^sinks must be on meta"):
+        C.check_per_head_f32("sinks", slopes, 8, device=torch.device("meta"))
+    out = torch.empty(2, 3)
+    assert C.check_output("out", out, (2, None)) is out
+    with pytest.raises(ValueError, match=r"^out must have shape \(2, 4\)"):
+        C.check_output("out", out, (2, 4))
+    with pytest.raises(TypeError, match="^out must have dtype"):
+        C.check_output("out", out.int(), (2, 3))
+    C.check_paired("k_descale", None, "v_descale", None)
+    with pytest.raises(ValueError, match="^k_descale and v_descale must be given together, got only v_descale$"):
+        C.check_paired("k_descale", None, "v_descale", torch.ones(1))
+    with pytest.raises(TypeError, match="^slot_mapping must have dtype int32/int64"):
+        C.check_index_tensor("slot_mapping", torch.ones(3))
+
+
+def test_check_block_table():
+    table = torch.zeros(4, 8, dtype=torch.int32)
+    assert C.check_block_table("block_table", table, num_seqs=4, max_len=128, block_size=16) is table
+    with pytest.raises(ValueError, match=r"^block_table must have a row per sequence \(5\), got 4$"):
+        C.check_block_table("block_table", table, num_seqs=5, max_len=16, block_size=16)
+    with pytest.raises(ValueError, match="^block_table is too narrow: 129 tokens in blocks of 16 need 9 entries"):
+        C.check_block_table("block_table", table, num_seqs=4, max_len=129, block_size=16)
+    with pytest.raises(ValueError, match="^block_table rows must be contiguous"):
+        C.check_block_table("block_table", torch.zeros(8, 4, dtype=torch.int32).t(), num_seqs=4, max_len=16,
+                            block_size=16)
+    with pytest.raises(TypeError, match="^block_table must have dtype int32, got torch.int64$"):
+        C.check_block_table("block_table", table.long(), num_seqs=4, max_len=16, block_size=16, dtypes=(torch.int32,))
+
+
+def test_fast_paths_accept_exactly_what_the_full_checks_accept():
+    x = torch.zeros(3, 4, dtype=torch.float16)
+    assert C.check_tensor("x", x, ndim=(2, 3), dtypes=(torch.float16,), device=x.device) is x
+    with pytest.raises(ValueError, match="^x must be 3-D"):
+        C.check_tensor("x", x, ndim=3)
+    assert C.check_int32_vector("cu", torch.arange(3, dtype=torch.int32), 3) is not None
+    with pytest.raises(ValueError, match="^cu must be contiguous"):
+        C.check_int32_vector("cu", torch.arange(6, dtype=torch.int32)[::2])
+    with pytest.raises(ValueError, match="^cu must have 4 entries, got 3$"):
+        C.check_int32_vector("cu", torch.arange(3, dtype=torch.int32), 4)
+    assert C.check_int("n", 5, minimum=5) == 5
+    with pytest.raises(ValueError, match="^n must be >= 6, got 5$"):
+        C.check_int("n", 5, minimum=6)
+    assert C.check_scalar_f32("s", torch.ones(1)) is not None
+    with pytest.raises(ValueError, match="one element"):
+        C.check_scalar_f32("s", torch.ones(2))
+    C.check_last_dim_contiguous("q", x)
+    with pytest.raises(ValueError, match="^q must be contiguous in its last dimension"):
+        C.check_last_dim_contiguous("q", x.t())

@@ -368,13 +368,13 @@ def max_element_offset(t: torch.Tensor) -> int:
     return _max_element_offset(t.shape, t.stride())
 
 
-def _two_row_dims(t: torch.Tensor, name: str, trailing: int) -> tuple[tuple[int, int], tuple[int, int], torch.Tensor]:
-    """(R0, R1) sizes and strides of ``t``'s leading row dims (1 or 2 of them)."""
-    rows = t.dim() - trailing
+def _row_strides(t: torch.Tensor, name: str, rows: int, trailing: int) -> tuple[int, int]:
+    """Strides of ``t``'s 1 or 2 leading row dims (0 for a missing second one)."""
+    stride = t.stride()
     if rows == 1:
-        return (t.shape[0], 1), (t.stride(0), 0), t
+        return stride[0], 0
     if rows == 2:
-        return (t.shape[0], t.shape[1]), (t.stride(0), t.stride(1)), t
+        return stride[0], stride[1]
     raise ValueError(f"{name} must have 1 or 2 row dims before its last {trailing}, got shape {tuple(t.shape)}")
 
 
@@ -385,43 +385,41 @@ def splitk_merge(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torc
 
     Shapes are checked on the host (no device sync). Returns ``out``.
     """
-    if partial_out.dim() < 3:
-        raise ValueError(f"partial_out must be [*rows, splits, head_dim], got shape {tuple(partial_out.shape)}")
-    rows_shape = tuple(partial_out.shape[:-2])
-    splits, head_dim = partial_out.shape[-2], partial_out.shape[-1]
-    if tuple(partial_lse.shape) != rows_shape + (splits,):
-        raise ValueError(f"partial_lse must have shape {rows_shape + (splits,)}, got {tuple(partial_lse.shape)}")
-    if partial_sum is not None and tuple(partial_sum.shape) != rows_shape + (splits,):
-        raise ValueError(f"partial_sum must have shape {rows_shape + (splits,)}, got {tuple(partial_sum.shape)}")
-    if tuple(out.shape) != rows_shape + (head_dim,):
-        raise ValueError(f"out must have shape {rows_shape + (head_dim,)}, got {tuple(out.shape)}")
-    if lse_out is not None and tuple(lse_out.shape) != rows_shape:
-        raise ValueError(f"lse_out must have shape {rows_shape}, got {tuple(lse_out.shape)}")
+    po_shape = partial_out.shape
+    if len(po_shape) < 3:
+        raise ValueError(f"partial_out must be [*rows, splits, head_dim], got shape {tuple(po_shape)}")
+    rows_shape = po_shape[:-2]
+    splits, head_dim = po_shape[-2], po_shape[-1]
+    split_shape = rows_shape + (splits,)
+    for name, t, want in (("partial_lse", partial_lse, split_shape), ("partial_sum", partial_sum, split_shape),
+                          ("out", out, rows_shape + (head_dim,)), ("lse_out", lse_out, rows_shape)):
+        if t is not None and t.shape != want:
+            raise ValueError(f"{name} must have shape {tuple(want)}, got {tuple(t.shape)}")
     if lse_out is not None and lse_out.dtype != torch.float32:
         raise TypeError(f"lse_out must be float32, got {lse_out.dtype}")
-    (r0, r1), (s_po0, s_po1), _ = _two_row_dims(partial_out, "partial_out", 2)
-    _, (s_pl0, s_pl1), _ = _two_row_dims(partial_lse, "partial_lse", 1)
-    _, (s_o0, s_o1), _ = _two_row_dims(out, "out", 1)
+    nrows = len(rows_shape)
+    s_po0, s_po1 = _row_strides(partial_out, "partial_out", nrows, 2)
+    s_pl0, s_pl1 = _row_strides(partial_lse, "partial_lse", nrows, 1)
+    s_o0, s_o1 = _row_strides(out, "out", nrows, 1)
     if partial_sum is not None:
-        _, (s_ps0, s_ps1), _ = _two_row_dims(partial_sum, "partial_sum", 1)
+        s_ps0, s_ps1 = _row_strides(partial_sum, "partial_sum", nrows, 1)
         s_psk = partial_sum.stride(-1)
     else:
         s_ps0 = s_ps1 = s_psk = 0
-    if lse_out is not None:
-        _, (s_l0, s_l1), _ = _two_row_dims(lse_out, "lse_out", 0)
-    else:
-        s_l0 = s_l1 = 0
-    nrows = r0 * r1
-    if nrows == 0 or head_dim == 0:
+    s_l0, s_l1 = _row_strides(lse_out, "lse_out", nrows, 0) if lse_out is not None else (0, 0)
+    r1 = rows_shape[1] if nrows == 2 else 1
+    total_rows = rows_shape[0] * r1
+    if total_rows == 0 or head_dim == 0:
         return out
     block_d = block_d or min(next_pow2(head_dim), 256)
     block_k = min(max(next_pow2(splits), 2), 32)
-    grid = (nrows, cdiv(head_dim, block_d))
+    grid = (total_rows, cdiv(head_dim, block_d))
+    po_stride = partial_out.stride()
     _splitk_merge_kernel[grid](
         partial_out, partial_lse, partial_sum if partial_sum is not None else partial_lse, out,
         lse_out if lse_out is not None else partial_lse,
         r1, splits, head_dim,
-        s_po0, s_po1, partial_out.stride(-2), partial_out.stride(-1),
+        s_po0, s_po1, po_stride[-2], po_stride[-1],
         s_pl0, s_pl1, partial_lse.stride(-1),
         s_ps0, s_ps1, s_psk,
         s_o0, s_o1, out.stride(-1),
