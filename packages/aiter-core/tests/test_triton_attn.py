@@ -289,7 +289,8 @@ def test_max_element_offset():
 
 
 def test_host_integer_helpers_match_triton():
-    from aiter_core.triton_utils import max_element_offset as from_shape, next_pow2
+    from aiter_core.triton_utils import max_element_offset as from_shape
+    from aiter_core.triton_utils import next_pow2
 
     assert [next_pow2(n) for n in (0, 1, 2, 3, 5, 64, 65, 1000)] == [1, 1, 2, 4, 8, 64, 128, 1024]
     assert all(next_pow2(n) == triton.next_power_of_2(n) for n in range(1, 3000))
