@@ -20,6 +20,8 @@ from aiter_unified.reference import covered_rows, unified_attention_ref
 from aiter_unified.testing import make_batch, run_triton
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.float32  # ``python bad_index_cases.py NAME [float32|float16|bfloat16]``
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 SENTINEL = 7.0
 GUARD = 2  # rows / blocks of guard on each side
 
@@ -27,7 +29,8 @@ GUARD = 2  # rows / blocks of guard on each side
 class Guarded:
     """A batch whose q, k, v, out and block table live inside guarded buffers."""
 
-    def __init__(self, seqs, *, hq=2, hk=1, d=16, bs=4, dtype=torch.float32, seed=0):
+    def __init__(self, seqs, *, hq=2, hk=1, d=16, bs=4, dtype=None, seed=0):
+        dtype = dtype or DTYPE
         b = make_batch(seqs, heads_q=hq, heads_kv=hk, head_dim=d, block_size=bs, dtype=dtype, device=DEV, seed=seed)
         self.dtype = dtype
         self.qbuf = self._wrap(b.q, float("nan"))
@@ -62,9 +65,10 @@ class Guarded:
                                      qq_bias=a.get("qq_bias"), sinks=a.get("sinks"), max_seqlen_q=a["max_seqlen_q"])
 
 
-def _same(label, got, want, rows, atol=2e-5):
+def _same(label, got, want, rows, atol=None):
     """``got`` equals ``want`` on ``rows`` (NaN where ``want`` is NaN, close elsewhere)."""
-    g, w = got[rows].float().cpu(), want[rows].float().cpu()
+    atol = atol or ATOL[DTYPE]
+    g, w = got[rows.to(got.device)].float().cpu(), want[rows.to(want.device)].float().cpu()
     if not torch.equal(g.isnan(), w.isnan()):
         raise AssertionError(f"{label}: NaN rows differ: got {g.isnan().any(-1).any(-1).tolist()} "
                              f"want {w.isnan().any(-1).any(-1).tolist()}")
@@ -235,8 +239,8 @@ def empty_batches():
     table = torch.cat([g.table, g.table])
     n += check_rule(g, label="no new tokens", cu_seqlens_q=cu, seqused_k=used, block_table=table)
     # no tokens at all
-    q = torch.empty(0, 2, 16, device=DEV)
-    out = torch.empty(0, 2, 16, device=DEV)
+    q = torch.empty(0, 2, 16, dtype=DTYPE, device=DEV)
+    out = torch.empty(0, 2, 16, dtype=DTYPE, device=DEV)
     for skip in (False, True):
         res = aiter_unified.unified_attention(q, g.k, g.v, out, cu, 1, used, 4, 0.3, True, (-1, -1), table, 0.0,
                                               None, None, None, skip_reduce=skip)
@@ -250,4 +254,6 @@ CASES = {f.__name__: f for f in (cu_past_tokens, cu_negative_and_reversed, cu_no
                                  nan_in_masked_keys, empty_batches)}
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2:
+        DTYPE = getattr(torch, sys.argv[2])
     print("OK", CASES[sys.argv[1]]())

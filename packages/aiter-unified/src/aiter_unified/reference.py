@@ -14,6 +14,11 @@ Semantics, per sequence ``s`` with ``query_len = cu_seqlens_q[s+1] - cu_seqlens_
 * ``out = softmax(s) @ v * v_descale``, divided by ``output_scale`` when given (fp8 output,
   saturated to the fp8 range).
 
+Index metadata follows README.md's rule (the kernels' too): ``cu_seqlens_q`` entries are
+clamped into ``[0, num_tokens]``, ``seqused_k`` into ``[0, table width x block size]``, keys of an
+out-of-range block id are skipped, rows ``i >= max_seqlen_q`` are NaN (when given), a row that sees
+no key is 0, and a key a row does not see never reaches it (no ``0 x NaN``).
+
 The KV cache is NHD paged: ``k, v [num_blocks, block_size, Hk, D]``, ``block_table[s, j]`` is the
 physical block of logical block ``j``. Computed in fp32 on the host (one sequence at a time; it
 syncs, so it is for tests, not CUDA graphs).

@@ -24,6 +24,11 @@ Scores follow :mod:`aiter_unified.reference`: scale (with q/k descales), soft ca
 mask; the sink initialises the running max and sum of segment 0. KV tiles are converted to the
 compute dtype (q's dtype; fp16 when q is fp8, exact for e4m3 values) before the dots. Cache
 addresses are int32 (``OFFSET_BITS`` 32) when every offset of both caches fits, else int64.
+
+Index metadata (README "Index metadata and NaN"): ``cu_seqlens_q`` entries are clamped into
+``[0, num_tokens]``, the KV length into ``[0, table width x KV_BLOCK]``, out-of-range block ids are
+skipped in every tile, rows ``>= max_seqlen_q`` are written NaN; masked tiles holding a non-finite
+V value recompute P @ V with those values zeroed for the rows that do not see them.
 """
 
 from __future__ import annotations
