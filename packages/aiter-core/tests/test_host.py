@@ -87,3 +87,17 @@ def test_fast_env_reads_follow_os_environ(monkeypatch):
     assert env.get("AITER_DEMO_OP_BACKEND", "x") == "x"
     monkeypatch.setenv("AITER_NUM_CU", "7")
     assert env.set_variables()["AITER_NUM_CU"] == "7"
+
+
+def test_warmup_shards_split_the_cases(demo_family):
+    CALLS.clear()
+    many = [HostCase(f"op{i}", lambda i=i: CALLS.append(i)) for i in range(7)]
+    import aiter_core.host as h
+
+    real = h.family_cases
+    try:
+        h.family_cases = lambda kind, device, names=(): [("aiter-demo", c) for c in many]
+        done = [h.warmup("cpu", quiet=True, shard=(i, 3))[0] for i in range(3)]
+    finally:
+        h.family_cases = real
+    assert done == [3, 2, 2] and sorted(CALLS) == list(range(7))

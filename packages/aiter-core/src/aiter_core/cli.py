@@ -285,8 +285,9 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     from .host import warmup
 
     names = [f.name for f in _select_families(args.families)]
-    calls, seconds = warmup("cuda", names)
-    print(f"aiter warmup: {calls} calls compiled or loaded in {seconds:.1f} s into {triton_cache_dir()}")
+    calls, seconds = warmup("cuda", names, jobs=args.jobs)
+    print(f"aiter warmup: {calls} calls compiled or loaded in {seconds:.1f} s by {args.jobs} process"
+          f"{'es' if args.jobs > 1 else ''} into {triton_cache_dir()}")
     return 0
 
 
@@ -311,6 +312,11 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("families", nargs="*", help="family names (default: all installed)")
         p.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failures")
+        if name == "warmup":
+            import os
+
+            p.add_argument("-j", "--jobs", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                           help="compile in this many processes (default: the cores, at most 8)")
         p.set_defaults(func=func)
     return parser
 

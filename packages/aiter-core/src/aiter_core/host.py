@@ -120,17 +120,30 @@ def first_call_seconds(device: Any, names: Sequence[str] = ()) -> dict[str, floa
     return out
 
 
-def warmup(device: Any, names: Sequence[str] = (), quiet: bool = False) -> tuple[int, float]:
-    """Run every family's warmup cases once (compiling their kernel specialisations into Triton's
-    disk cache); returns (calls, seconds)."""
+def warmup(device: Any, names: Sequence[str] = (), quiet: bool = False, jobs: int = 1,
+           shard: tuple[int, int] = (0, 1)) -> tuple[int, float]:
+    """Run every family's warmup cases once, compiling their kernel specialisations into Triton's
+    disk cache; returns (calls, seconds). ``jobs > 1`` spreads the cases over that many processes
+    sharing the cache (compiles are CPU-bound; Triton's cache takes concurrent writers); ``shard``
+    ``(i, n)`` runs every n-th case from the i-th (what each of those processes does)."""
     import time
 
     import torch
 
+    start = time.perf_counter()
+    if jobs > 1:
+        import concurrent.futures
+
+        fam = ["--families", *names] if names else []
+        args = [["--warmup-json", "--device", str(device), "--shard", f"{i}/{jobs}", *fam] for i in range(jobs)]
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            results = list(pool.map(lambda a: _subprocess_json(a, None)[0], args))
+        return sum(r["calls"] for r in results), time.perf_counter() - start
+
     from .bench import progress
 
-    cases = family_cases("warmup", device, names)
-    start = time.perf_counter()
+    index, count = shard
+    cases = family_cases("warmup", device, names)[index::count]
     for _, case in progress(cases, "aiter warmup: compiling", quiet=quiet):
         case.call()
     if torch.device(device).type == "cuda":
@@ -138,15 +151,23 @@ def warmup(device: Any, names: Sequence[str] = (), quiet: bool = False) -> tuple
     return len(cases), time.perf_counter() - start
 
 
-def _subprocess_json(args: list[str], cache_dir: str) -> tuple[Any, float]:
-    """Run ``python -m aiter_core.host ARGS`` with its own Triton cache; (its JSON line, seconds)."""
+def default_jobs() -> int:
+    """Warmup processes by default: the cores, at most 8 (each holds a CUDA context)."""
+    import os
+
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _subprocess_json(args: list[str], cache_dir: str | None) -> tuple[Any, float]:
+    """Run ``python -m aiter_core.host ARGS`` (with its own Triton cache when ``cache_dir`` is
+    given); (its last JSON line, seconds)."""
     import json
     import os
     import subprocess
     import sys
     import time
 
-    env = dict(os.environ, TRITON_CACHE_DIR=cache_dir)
+    env = dict(os.environ) if cache_dir is None else dict(os.environ, TRITON_CACHE_DIR=cache_dir)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "aiter_core.host", *args], env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -173,13 +194,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--first-call-json", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--warmup-json", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
+    parser.add_argument("--jobs", type=int, default=default_jobs(), help="processes for the warmup compiles")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.first_call_json:
         print(json.dumps(first_call_seconds(device, args.families)))
         return 0
+    if args.warmup_json and args.jobs > 1 and args.shard == "0/1":  # the parent of the warmup shards
+        calls, seconds = warmup(device, args.families, jobs=args.jobs)
+        print(json.dumps({"calls": calls, "seconds": round(seconds, 2), "jobs": args.jobs}))
+        return 0
     if args.warmup_json:
-        calls, seconds = warmup(device, args.families, quiet=True)
+        index, count = (int(x) for x in args.shard.split("/"))
+        calls, seconds = warmup(device, args.families, quiet=True, shard=(index, count))
         print(json.dumps({"calls": calls, "seconds": round(seconds, 2)}))
         return 0
 
@@ -191,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fam = ["--families", *args.families] if args.families else []
         with tempfile.TemporaryDirectory() as cold, tempfile.TemporaryDirectory() as warmed:
             cold_s, _ = _subprocess_json(["--first-call-json", "--device", device, *fam], cold)
-            warm_info, warm_s = _subprocess_json(["--warmup-json", "--device", device, *fam], warmed)
+            warm_info, warm_s = _subprocess_json(["--warmup-json", "--device", device, "--jobs", str(args.jobs), *fam],
+                                                 warmed)
             after_s, _ = _subprocess_json(["--first-call-json", "--device", device, *fam], warmed)
         run.metadata["warmup"] = {**(warm_info or {}), "process_seconds": round(warm_s, 2)}
         for row in run.rows:
