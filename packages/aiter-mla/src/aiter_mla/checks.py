@@ -12,9 +12,10 @@ they allocate from, and only when that fails run the op's check here so the call
 error (:func:`explain`). Upstream arguments that no op takes, and that aiter-mla refuses, are
 checked by the ``*_options`` functions at the end.
 
-The generic validators are :mod:`aiter_core.checks`; the small wrappers below accept the
-common case in a few attribute reads and leave every failure (and every unusual type: numpy
-ints, SymInts, tensor subclasses) to them, so each rule and its message exist once.
+The generic validators are :mod:`aiter_core.checks`, called directly (each accepts the common
+case in one expression and words every failure), so each rule and its message exist once;
+floats go through ``check_float``, which refuses NaN and infinities (a NaN or infinite scale or
+soft cap raises a ValueError naming the argument).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from aiter_core.checks import (
     check_bool,
     check_float,
+    check_index_tensor,
     check_int,
     check_int32_vector,
     check_last_dim_contiguous,
@@ -316,59 +318,12 @@ class RopeCatCacheCall(NamedTuple):
     backend: Optional[str]
 
 
-# -- validators: the common case in a few reads, every failure by aiter_core.checks ----------------
-
-
-def tensor(name: str, x, ndims: Optional[tuple], dtypes=None, device=None, like: str = "q") -> Tensor:
-    """A tensor of one of ``ndims`` ranks, one of ``dtypes``, on ``device`` (the device of ``like``)."""
-    if (isinstance(x, Tensor) and (ndims is None or x.dim() in ndims) and (dtypes is None or x.dtype in dtypes)
-            and (device is None or x.device == device)):
-        return x
-    return check_tensor(name, x, ndim=ndims, dtypes=dtypes, device=device, like=like)
-
-
-def index(name: str, x, n: Optional[int], device, like: str = "q") -> int:
-    """A contiguous 1-D int32 tensor of ``n`` entries (any number when None) on ``device`` (any
-    device when None); its length."""
-    if (isinstance(x, Tensor) and x.dtype is torch.int32 and x.dim() == 1 and (device is None or x.device == device)
-            and x.is_contiguous()):
-        length = x.shape[0]
-        if n is None or length == n:
-            return length
-    check_int32_vector(name, x, n, device=device, like=like)
-    return x.shape[0]
+# -- validators: aiter_core.checks (each has its own fast path); the helpers below are MLA's -------
 
 
 def scale_f32(name: str, x, device, like: str = "q") -> Optional[Tensor]:
     """None or a per-tensor float32 scale (one element) on ``device``."""
-    if x is None:
-        return None
-    if isinstance(x, Tensor) and x.dtype == torch.float32 and x.numel() == 1 and x.device == device:
-        return x
-    return check_scalar_f32(name, x, device=device, like=like)
-
-
-def integer(name: str, value, minimum: Optional[int] = None) -> int:
-    if type(value) is int and (minimum is None or value >= minimum):
-        return value
-    return check_int(name, value, minimum=minimum)
-
-
-def real(name: str, value) -> float:
-    if type(value) is float:
-        return value
-    return check_float(name, value)
-
-
-def flag(name: str, value) -> bool:
-    if value is True or value is False:
-        return value
-    return check_bool(name, value)
-
-
-def last_dim_contiguous(name: str, x: Tensor) -> None:
-    if not x.is_contiguous() and x.stride(-1) != 1:
-        check_last_dim_contiguous(name, x)
+    return None if x is None else check_scalar_f32(name, x, device=device, like=like)
 
 
 def q_block(max_seqlen_q: int) -> int:
@@ -389,11 +344,11 @@ def _shape(name: str, x: Tensor, expected: tuple) -> None:
 def _query_and_output(q, o, o_name: str = "o"):
     """``q [total_q, H, D]`` and ``o [total_q, H, kv_lora_rank]`` with ``kv_lora_rank < D``:
     (total_q, heads, D, kv_lora_rank, device)."""
-    tensor("q", q, (3,), Q_DTYPES)
+    check_tensor("q", q, ndim=3, dtypes=Q_DTYPES)
     device = q.device
-    tensor(o_name, o, (3,), FLOAT_DTYPES, device)
-    last_dim_contiguous("q", q)
-    last_dim_contiguous(o_name, o)
+    check_tensor(o_name, o, ndim=3, dtypes=FLOAT_DTYPES, device=device, like="q")
+    check_last_dim_contiguous("q", q)
+    check_last_dim_contiguous(o_name, o)
     total_q, heads, dim = q.shape
     if heads < 1:
         raise ValueError(f"q must have at least one head, got shape {tuple(q.shape)}")
@@ -406,20 +361,20 @@ def _query_and_output(q, o, o_name: str = "o"):
 
 def _page_table(qo_indptr, kv_indptr, kv_indices, kv_last_page_lens, device) -> int:
     """Page-level ``qo_indptr [B+1]``, ``kv_indptr [B+1]``, ``kv_indices``, ``kv_last_page_lens [B]``: B."""
-    batch = index("qo_indptr", qo_indptr, None, device) - 1
+    batch = check_int32_vector("qo_indptr", qo_indptr, device=device, like="q").shape[0] - 1
     if batch < 0:
         raise ValueError("qo_indptr must have batch + 1 >= 1 entries, got 0")
-    index("kv_indptr", kv_indptr, batch + 1, device)
-    index("kv_indices", kv_indices, None, device)
+    check_int32_vector("kv_indptr", kv_indptr, batch + 1, device=device, like="q")
+    check_int32_vector("kv_indices", kv_indices, device=device, like="q")
     if kv_last_page_lens is not None:
-        index("kv_last_page_lens", kv_last_page_lens, batch, device)
+        check_int32_vector("kv_last_page_lens", kv_last_page_lens, batch, device=device, like="q")
     return batch
 
 
 def _paged_kv(kv_buffer, dim: int, page_size: Optional[int], device) -> Tensor:
     """``kv_buffer`` as ``[num_pages, page_size, 1, D]``: 3-D ``[pages, page_size, D]`` and the flat
     ``[pages * page_size, 1, 1, D]`` view are accepted; ``page_size`` None: ``kv_buffer.shape[1]``."""
-    tensor("kv_buffer", kv_buffer, (3, 4), Q_DTYPES, device)
+    check_tensor("kv_buffer", kv_buffer, ndim=(3, 4), dtypes=Q_DTYPES, device=device, like="q")
     kv = kv_buffer.unsqueeze(2) if kv_buffer.dim() == 3 else kv_buffer
     pages, rows, heads, width = kv.shape
     if heads != 1:
@@ -431,7 +386,7 @@ def _paged_kv(kv_buffer, dim: int, page_size: Optional[int], device) -> Tensor:
             kv = kv.view(-1, page_size, 1, width)
         else:
             raise ValueError(f"kv_buffer must be [num_pages, page_size={page_size}, 1, D], got {tuple(kv.shape)}")
-    last_dim_contiguous("kv_buffer", kv)
+    check_last_dim_contiguous("kv_buffer", kv)
     return kv
 
 
@@ -439,7 +394,7 @@ def _lse(name: str, x, rows: int, heads: int, device) -> Optional[Tensor]:
     """None or an fp32 ``[rows, heads]`` LSE buffer (any shape holding that many values, viewed so)."""
     if x is None:
         return None
-    tensor(name, x, None, F32, device)
+    check_tensor(name, x, dtypes=F32, device=device, like="q")
     if x.numel() != rows * heads:
         raise ValueError(f"{name} must hold [{rows}, {heads}] float32 values, got shape {tuple(x.shape)}")
     return x if x.dim() == 2 and x.shape[0] == rows else x.view(rows, heads)
@@ -449,19 +404,19 @@ def _split_partials(names: tuple[str, str, str], partial_o, partial_lse, splits,
                     d_v: int, device):
     """(splits, partial_o, partial_lse): fp32 ``[total_q, splits, H, Dv]`` / ``[total_q, splits,
     H]`` partial buffers, required when ``splits`` (named ``names[0]``) is > 1, else None."""
-    splits = integer(names[0], splits, 1)
+    splits = check_int(names[0], splits, minimum=1)
     if splits == 1:
         return 1, None, None
-    tensor(names[1], partial_o, (4,), F32, device)
-    tensor(names[2], partial_lse, (3,), F32, device)
+    check_tensor(names[1], partial_o, ndim=4, dtypes=F32, device=device, like="q")
+    check_tensor(names[2], partial_lse, ndim=3, dtypes=F32, device=device, like="q")
     _shape(names[1], partial_o, (total_q, splits, heads, d_v))
     _shape(names[2], partial_lse, (total_q, splits, heads))
-    last_dim_contiguous(names[1], partial_o)
+    check_last_dim_contiguous(names[1], partial_o)
     return splits, partial_o, partial_lse
 
 
 def _sm_scale(value, dim: int) -> float:
-    return dim ** -0.5 if value is None else real("sm_scale", value)
+    return dim ** -0.5 if value is None else check_float("sm_scale", value)
 
 
 # -- the ops' checks ---------------------------------------------------------------------------------
@@ -476,15 +431,15 @@ def mla_decode_fwd(q: Tensor, kv_buffer: Tensor, o: Tensor, qo_indptr: Tensor, k
     partials go to ``logits [total_q, splits, H, Dv]`` / ``attn_lse [total_q, splits, H]`` (fp32,
     required when splits > 1) and are merged into ``o`` (and ``final_lse [total_q, H]``)."""
     total_q, heads, dim, d_v, device = _query_and_output(q, o)
-    max_seqlen_q = integer("max_seqlen_q", max_seqlen_q, 1)
-    page_size = integer("page_size", page_size, 1)
+    max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, minimum=1)
+    page_size = check_int("page_size", page_size, minimum=1)
     _page_table(qo_indptr, kv_indptr, kv_indices, kv_last_page_lens, device)
     kv = _paged_kv(kv_buffer, dim, page_size, device)
     splits, logits, attn_lse = _split_partials(("num_kv_splits", "logits", "attn_lse"), logits, attn_lse,
                                                num_kv_splits, total_q, heads, d_v, device)
     key = AttnKey(device, q.dtype, kv.dtype, None, o.dtype, heads, 1, q_block(max_seqlen_q), d_v, dim - d_v, d_v)
     return PagedCall(q, kv, o, qo_indptr, kv_indptr, kv_indices, kv_last_page_lens, max_seqlen_q, page_size,
-                     _sm_scale(sm_scale, dim), flag("causal", causal), splits, logits, attn_lse,
+                     _sm_scale(sm_scale, dim), check_bool("causal", causal), splits, logits, attn_lse,
                      _lse("final_lse", final_lse, total_q, heads, device), scale_f32("q_scale", q_scale, device),
                      scale_f32("kv_scale", kv_scale, device), key, backend)
 
@@ -506,25 +461,25 @@ def mla_decode_fwd_persistent(q: Tensor, kv_buffer: Tensor, o: Tensor, qo_indptr
     if missing:
         raise ValueError(f"persistent mode (work_meta_data given) also needs {', '.join(missing)}")
     total_q, heads, dim, d_v, device = _query_and_output(q, o)
-    max_seqlen_q = integer("max_seqlen_q", max_seqlen_q, 1)
-    page_size = integer("page_size", page_size, 1)
+    max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, minimum=1)
+    page_size = check_int("page_size", page_size, minimum=1)
     _page_table(qo_indptr, kv_indptr, kv_indices, kv_last_page_lens, device)
     kv = _paged_kv(kv_buffer, dim, page_size, device)
-    index("work_indptr", work_indptr, None, device)
-    tensor("work_info_set", work_info_set, (2,), I32, device)
+    check_int32_vector("work_indptr", work_indptr, device=device, like="q")
+    check_tensor("work_info_set", work_info_set, ndim=2, dtypes=I32, device=device, like="q")
     if work_info_set.shape[1] != 8:
         raise ValueError(f"work_info_set must be [max_work, 8] int32, got {tuple(work_info_set.shape)}")
-    index("reduce_indptr", reduce_indptr, None, device)
-    slots = index("reduce_partial_map", reduce_partial_map, None, device)
-    tensor("reduce_final_map", reduce_final_map, (2,), I32, device)
-    tensor("partial_o", partial_o, (4,), F32, device)
-    tensor("partial_lse", partial_lse, (4,), F32, device)
+    check_int32_vector("reduce_indptr", reduce_indptr, device=device, like="q")
+    slots = check_int32_vector("reduce_partial_map", reduce_partial_map, device=device, like="q").shape[0]
+    check_tensor("reduce_final_map", reduce_final_map, ndim=2, dtypes=I32, device=device, like="q")
+    check_tensor("partial_o", partial_o, ndim=4, dtypes=F32, device=device, like="q")
+    check_tensor("partial_lse", partial_lse, ndim=4, dtypes=F32, device=device, like="q")
     rows = slots * max_seqlen_q
     _shape("partial_o", partial_o, (rows, 1, heads, d_v))
     _shape("partial_lse", partial_lse, (rows, 1, heads, 1))
     key = AttnKey(device, q.dtype, kv.dtype, None, o.dtype, heads, 1, q_block(max_seqlen_q), d_v, dim - d_v, d_v)
     return PersistentCall(q, kv, o, qo_indptr, kv_indptr, kv_indices, max_seqlen_q, page_size,
-                          _sm_scale(sm_scale, dim), flag("causal", causal), work_indptr, work_info_set, reduce_indptr,
+                          _sm_scale(sm_scale, dim), check_bool("causal", causal), work_indptr, work_info_set, reduce_indptr,
                           reduce_final_map, reduce_partial_map, partial_o, partial_lse,
                           _lse("final_lse", final_lse, total_q, heads, device), scale_f32("q_scale", q_scale, device),
                           scale_f32("kv_scale", kv_scale, device), key, backend)
@@ -535,10 +490,10 @@ def mla_reduce_v1(partial_output: Tensor, partial_lse: Tensor, reduce_indptr: Te
                   final_lse: Optional[Tensor], backend: Optional[str] = None) -> ReduceCall:
     """Merge persistent partials ``partial_output [.., H, Dv]`` / ``partial_lse`` (one value per
     partial row and head) into ``final_output [total_q, H, Dv]`` (and ``final_lse``)."""
-    tensor("final_output", final_output, (3,), FLOAT_DTYPES, like="final_output")
+    check_tensor("final_output", final_output, ndim=3, dtypes=FLOAT_DTYPES)
     device = final_output.device
-    tensor("partial_output", partial_output, (2, 3, 4), F32, device, like="final_output")
-    tensor("partial_lse", partial_lse, (1, 2, 3, 4), F32, device, like="final_output")
+    check_tensor("partial_output", partial_output, ndim=(2, 3, 4), dtypes=F32, device=device, like="final_output")
+    check_tensor("partial_lse", partial_lse, ndim=(1, 2, 3, 4), dtypes=F32, device=device, like="final_output")
     total_q, heads, d_v = final_output.shape
     if tuple(partial_output.shape[-2:]) != (heads, d_v):
         raise ValueError(f"partial_output must end in (H={heads}, Dv={d_v}), got {tuple(partial_output.shape)}")
@@ -546,13 +501,13 @@ def mla_reduce_v1(partial_output: Tensor, partial_lse: Tensor, reduce_indptr: Te
     if partial_lse.numel() != per_head:
         raise ValueError(f"partial_lse must hold one value per partial row and head ({per_head}), got "
                          f"{partial_lse.numel()}")
-    tiles = index("reduce_indptr", reduce_indptr, None, device, like="final_output") - 1
-    tensor("reduce_final_map", reduce_final_map, (2,), I32, device, like="final_output")
-    index("reduce_partial_map", reduce_partial_map, None, device, like="final_output")
+    tiles = check_int32_vector("reduce_indptr", reduce_indptr, device=device, like="final_output").shape[0] - 1
+    check_tensor("reduce_final_map", reduce_final_map, ndim=2, dtypes=I32, device=device, like="final_output")
+    check_int32_vector("reduce_partial_map", reduce_partial_map, device=device, like="final_output")
     if reduce_final_map.shape[0] != tiles:
         raise ValueError(f"reduce_final_map must have {tiles} rows (reduce_indptr tiles), got "
                          f"{reduce_final_map.shape[0]}")
-    max_seqlen_q = integer("max_seqlen_q", max_seqlen_q, 1)
+    max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, minimum=1)
     return ReduceCall(partial_output, partial_lse, reduce_indptr, reduce_final_map, reduce_partial_map, max_seqlen_q,
                       final_output, _lse("final_lse", final_lse, total_q, heads, device),
                       ReduceKey(device, final_output.dtype, d_v), backend)
@@ -563,23 +518,23 @@ def mla_prefill_fwd(q: Tensor, kv_buffer: Tensor, o: Tensor, qo_indptr: Tensor, 
                     causal: bool, lse: Optional[Tensor], backend: Optional[str] = None) -> PagedCall:
     """Absorbed prefill in one split; the page size is ``kv_buffer.shape[1]``."""
     total_q, heads, dim, d_v, device = _query_and_output(q, o)
-    max_seqlen_q = integer("max_seqlen_q", max_seqlen_q, 1)
+    max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, minimum=1)
     _page_table(qo_indptr, kv_indptr, kv_indices, kv_last_page_lens, device)
     kv = _paged_kv(kv_buffer, dim, None, device)
     key = AttnKey(device, q.dtype, kv.dtype, None, o.dtype, heads, 1, q_block(max_seqlen_q), d_v, dim - d_v, d_v)
     return PagedCall(q, kv, o, qo_indptr, kv_indptr, kv_indices, kv_last_page_lens, max_seqlen_q, kv.shape[1],
-                     _sm_scale(sm_scale, dim), flag("causal", causal), 1, None, None,
+                     _sm_scale(sm_scale, dim), check_bool("causal", causal), 1, None, None,
                      _lse("lse", lse, total_q, heads, device), None, None, key, backend)
 
 
 def _token_rows(name: str, x, device) -> Tensor:
     """``[tokens, Hk, D]`` (a 4-D ``[tokens, 1, Hk, D]`` cache is viewed so)."""
-    tensor(name, x, (3, 4), Q_DTYPES, device)
+    check_tensor(name, x, ndim=(3, 4), dtypes=Q_DTYPES, device=device, like="q")
     if x.dim() == 4:
         if x.shape[1] != 1:
             raise ValueError(f"{name} as a 4-D cache must have page size 1 ([tokens, 1, Hk, D]), got {tuple(x.shape)}")
         x = x[:, 0]
-    last_dim_contiguous(name, x)
+    check_last_dim_contiguous(name, x)
     return x
 
 
@@ -589,13 +544,13 @@ def mla_prefill_ps_fwd(q: Tensor, k: Tensor, v: Tensor, output: Tensor, qo_indpt
                        lse: Optional[Tensor], backend: Optional[str] = None) -> PrefillPsCall:
     """Non-absorbed prefill: ``q [total_q, H, D]``, ``k [tokens, Hk, D]``, ``v [tokens, Hk, Dv]``
     (GQA), token rows of each sequence in ``kv_page_indices`` (``kv_indptr`` prefix sums)."""
-    tensor("Q", q, (3,), Q_DTYPES, like="Q")
+    check_tensor("Q", q, ndim=3, dtypes=Q_DTYPES)
     device = q.device
     k = _token_rows("K", k, device)
     v = _token_rows("V", v, device)
-    tensor("output", output, (3,), FLOAT_DTYPES, device, like="Q")
-    last_dim_contiguous("Q", q)
-    last_dim_contiguous("output", output)
+    check_tensor("output", output, ndim=3, dtypes=FLOAT_DTYPES, device=device, like="Q")
+    check_last_dim_contiguous("Q", q)
+    check_last_dim_contiguous("output", output)
     total_q, heads, dim = q.shape
     tokens, kv_heads, k_dim = k.shape
     d_v = v.shape[-1]
@@ -608,16 +563,16 @@ def mla_prefill_ps_fwd(q: Tensor, k: Tensor, v: Tensor, output: Tensor, qo_indpt
     if dim < 32:
         raise ValueError(f"Q head dim must be >= 32, got {dim}")
     _shape("output", output, (total_q, heads, d_v))
-    n = index("qo_indptr", qo_indptr, None, device, like="Q")
-    index("kv_indptr", kv_indptr, n, device, like="Q")
-    index("kv_page_indices", kv_page_indices, None, device, like="Q")
-    max_seqlen_q = integer("max_seqlen_q", max_seqlen_q, 1)
+    n = check_int32_vector("qo_indptr", qo_indptr, device=device, like="Q").shape[0]
+    check_int32_vector("kv_indptr", kv_indptr, n, device=device, like="Q")
+    check_int32_vector("kv_page_indices", kv_page_indices, device=device, like="Q")
+    max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, minimum=1)
     d_rope = min(64, dim // 3)  # the K row as two tiles: 192 = 128 + 64
     key = AttnKey(device, q.dtype, k.dtype, v.dtype, output.dtype, heads, kv_heads, q_block(max_seqlen_q),
                   dim - d_rope, d_rope, d_v)
     return PrefillPsCall(q, k, v, output, qo_indptr, kv_indptr, kv_page_indices, max_seqlen_q,
-                         flag("is_causal", is_causal),
-                         dim ** -0.5 if softmax_scale is None else real("softmax_scale", softmax_scale),
+                         check_bool("is_causal", is_causal),
+                         dim ** -0.5 if softmax_scale is None else check_float("softmax_scale", softmax_scale),
                          scale_f32("q_scale", q_scale, device, "Q"), scale_f32("k_scale", k_scale, device, "Q"),
                          scale_f32("v_scale", v_scale, device, "Q"), _lse("lse", lse, total_q, heads, device), key,
                          backend)
@@ -631,34 +586,34 @@ def mla_attention_block_table(q: Tensor, kv_buffer: Tensor, out: Tensor, cu_seql
     """Absorbed attention over ``block_tables [B, max_blocks]`` with ``seqused_k [B]`` keys; split
     partials ``partial_o [total_q, splits, H, lora]`` / ``partial_lse [total_q, splits, H]``
     (fp32, required when ``num_splits > 1``)."""
-    tensor("q", q, (3,), Q_DTYPES)
+    check_tensor("q", q, ndim=3, dtypes=Q_DTYPES)
     device = q.device
-    tensor("kv_buffer", kv_buffer, (4,), Q_DTYPES, device)
-    tensor("out", out, (3,), FLOAT_DTYPES, device)
-    kv_lora_rank = integer("kv_lora_rank", kv_lora_rank, 1)
-    rope = integer("qk_rope_head_dim", qk_rope_head_dim, 0)
+    check_tensor("kv_buffer", kv_buffer, ndim=4, dtypes=Q_DTYPES, device=device, like="q")
+    check_tensor("out", out, ndim=3, dtypes=FLOAT_DTYPES, device=device, like="q")
+    kv_lora_rank = check_int("kv_lora_rank", kv_lora_rank, minimum=1)
+    rope = check_int("qk_rope_head_dim", qk_rope_head_dim, minimum=0)
     total_q, heads, dim = q.shape
     if dim != kv_lora_rank + rope:
         raise ValueError(f"q's last dim must be kv_lora_rank + qk_rope_head_dim = {kv_lora_rank + rope}, got {dim}")
     if kv_buffer.shape[-1] != dim or kv_buffer.shape[2] != 1:
         raise ValueError(f"kv_buffer must be [num_blocks, block_size, 1, {dim}], got {tuple(kv_buffer.shape)}")
     _shape("out", out, (total_q, heads, kv_lora_rank))
-    batch = index("cu_seqlens_q", cu_seqlens_q, None, device) - 1
-    index("seqused_k", seqused_k, batch, device)
-    tensor("block_tables", block_tables, (2,), I32, device)
+    batch = check_int32_vector("cu_seqlens_q", cu_seqlens_q, device=device, like="q").shape[0] - 1
+    check_int32_vector("seqused_k", seqused_k, batch, device=device, like="q")
+    check_tensor("block_tables", block_tables, ndim=2, dtypes=I32, device=device, like="q")
     if block_tables.shape[0] != batch or block_tables.stride(1) != 1:
         raise ValueError(f"block_tables must be [batch={batch}, max_blocks] with contiguous rows, got "
                          f"{tuple(block_tables.shape)} strides {tuple(block_tables.stride())}")
-    last_dim_contiguous("q", q)
-    last_dim_contiguous("kv_buffer", kv_buffer)
-    last_dim_contiguous("out", out)
-    max_seqlen_q = integer("max_seqlen_q", max_seqlen_q, 1)
+    check_last_dim_contiguous("q", q)
+    check_last_dim_contiguous("kv_buffer", kv_buffer)
+    check_last_dim_contiguous("out", out)
+    max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, minimum=1)
     splits, partial_o, partial_lse = _split_partials(("num_splits", "partial_o", "partial_lse"), partial_o,
                                                      partial_lse, num_splits, total_q, heads, kv_lora_rank, device)
     key = AttnKey(device, q.dtype, kv_buffer.dtype, None, out.dtype, heads, 1, q_block(max_seqlen_q), kv_lora_rank,
                   rope, kv_lora_rank)
     return BlockTableCall(q, kv_buffer, out, cu_seqlens_q, seqused_k, block_tables, max_seqlen_q,
-                          real("softmax_scale", softmax_scale), kv_lora_rank, flag("causal", causal), splits, partial_o,
+                          check_float("softmax_scale", softmax_scale), kv_lora_rank, check_bool("causal", causal), splits, partial_o,
                           partial_lse, _lse("lse", lse, total_q, heads, device),
                           scale_f32("q_descale", q_descale, device), scale_f32("kv_descale", kv_descale, device), key, backend)
 
@@ -666,14 +621,14 @@ def mla_attention_block_table(q: Tensor, kv_buffer: Tensor, out: Tensor, cu_seql
 def _sglang_buffers(q, k_buffer, v_buffer, o, attn_logits):
     """The five tensors of SGLang's decode forms (3-D q, k, v, o; 4-D fp32 ``attn_logits``), each
     contiguous in its last dimension: their device."""
-    tensor("q", q, (3,), Q_DTYPES)
+    check_tensor("q", q, ndim=3, dtypes=Q_DTYPES)
     device = q.device
-    tensor("k_buffer", k_buffer, (3,), Q_DTYPES, device)
-    tensor("v_buffer", v_buffer, (3,), Q_DTYPES, device)
-    tensor("o", o, (3,), FLOAT_DTYPES, device)
-    tensor("attn_logits", attn_logits, (4,), F32, device)
+    check_tensor("k_buffer", k_buffer, ndim=3, dtypes=Q_DTYPES, device=device, like="q")
+    check_tensor("v_buffer", v_buffer, ndim=3, dtypes=Q_DTYPES, device=device, like="q")
+    check_tensor("o", o, ndim=3, dtypes=FLOAT_DTYPES, device=device, like="q")
+    check_tensor("attn_logits", attn_logits, ndim=4, dtypes=F32, device=device, like="q")
     for name, t in (("q", q), ("k_buffer", k_buffer), ("v_buffer", v_buffer), ("o", o), ("attn_logits", attn_logits)):
-        last_dim_contiguous(name, t)
+        check_last_dim_contiguous(name, t)
     return device
 
 
@@ -693,8 +648,8 @@ def decode_attention_fwd_grouped_rope(q: Tensor, k_buffer: Tensor, v_buffer: Ten
     and of each sequence's last key; partials in ``attn_logits [B, H, splits, lora + 1]``."""
     device = _sglang_buffers(q, k_buffer, v_buffer, o, attn_logits)
     batch, heads, dim = q.shape
-    kv_lora_rank = integer("kv_lora_rank", kv_lora_rank, 1)
-    splits = integer("num_kv_splits", num_kv_splits, 1)
+    kv_lora_rank = check_int("kv_lora_rank", kv_lora_rank, minimum=1)
+    splits = check_int("num_kv_splits", num_kv_splits, minimum=1)
     if not 0 < kv_lora_rank < dim:
         raise ValueError(f"kv_lora_rank must be in (0, {dim}) (q's width), got {kv_lora_rank}")
     tokens = k_buffer.shape[0]
@@ -706,17 +661,17 @@ def decode_attention_fwd_grouped_rope(q: Tensor, k_buffer: Tensor, v_buffer: Ten
     if tuple(attn_logits.shape) != (batch, heads, splits, kv_lora_rank + 1):
         raise ValueError(f"attn_logits must be [{batch}, {heads}, num_kv_splits={splits}, {kv_lora_rank + 1}], got "
                          f"{tuple(attn_logits.shape)}")
-    index("kv_indptr", kv_indptr, batch + 1, device)
-    index("kv_indices", kv_indices, None, device)
+    check_int32_vector("kv_indptr", kv_indptr, batch + 1, device=device, like="q")
+    check_int32_vector("kv_indices", kv_indices, device=device, like="q")
     rope = dim - kv_lora_rank
-    use_rope = flag("use_rope", use_rope)
+    use_rope = check_bool("use_rope", use_rope)
     if use_rope:
         if cos_sin_cache is None or positions is None or k_pe_tokens is None:
             raise ValueError("use_rope=True needs cos_sin_cache, positions and k_pe_tokens")
-        tensor("cos_sin_cache", cos_sin_cache, (2,), FLOAT_DTYPES, device)
-        tensor("positions", positions, (1,), SLOT_DTYPES, device)
-        tensor("k_pe_tokens", k_pe_tokens, (1, 2, 3), FLOAT_DTYPES, device)
-        rotary_dim = integer("rotary_dim", rotary_dim)
+        check_tensor("cos_sin_cache", cos_sin_cache, ndim=2, dtypes=FLOAT_DTYPES, device=device, like="q")
+        check_index_tensor("positions", positions, ndim=1, device=device, like="q")
+        check_tensor("k_pe_tokens", k_pe_tokens, ndim=(1, 2, 3), dtypes=FLOAT_DTYPES, device=device, like="q")
+        rotary_dim = check_int("rotary_dim", rotary_dim)
         if not (0 < rotary_dim <= rope and rotary_dim % 2 == 0):
             raise ValueError(f"rotary_dim must be even and in (0, {rope}] (the rope width), got {rotary_dim}")
         if cos_sin_cache.shape[1] != rotary_dim:
@@ -733,8 +688,8 @@ def decode_attention_fwd_grouped_rope(q: Tensor, k_buffer: Tensor, v_buffer: Ten
     key = AttnKey(device, q.dtype, k_buffer.dtype, v_buffer.dtype if separate else None, o.dtype, heads, 1, 1,
                   kv_lora_rank, rope, kv_lora_rank)
     return GroupedRopeCall(q, k_buffer, v_buffer, o, kv_indptr, kv_indices, k_pe_tokens, kv_lora_rank, rotary_dim,
-                           cos_sin_cache, positions, attn_logits, splits, real("sm_scale", sm_scale),
-                           real("logit_cap", logit_cap), use_rope, flag("is_neox_style", is_neox_style), key, backend)
+                           cos_sin_cache, positions, attn_logits, splits, check_float("sm_scale", sm_scale),
+                           check_float("logit_cap", logit_cap), use_rope, check_bool("is_neox_style", is_neox_style), key, backend)
 
 
 def decode_attention_fwd(q: Tensor, k_buffer: Tensor, v_buffer: Tensor, o: Tensor, lse: Optional[Tensor],
@@ -750,8 +705,8 @@ def decode_attention_fwd(q: Tensor, k_buffer: Tensor, v_buffer: Tensor, o: Tenso
     batch, heads, dim = q.shape
     tokens, kv_heads, k_dim = k_buffer.shape
     d_v = v_buffer.shape[-1]
-    splits = integer("num_kv_splits", num_kv_splits, 1)
-    page_size = integer("page_size", page_size, 1)
+    splits = check_int("num_kv_splits", num_kv_splits, minimum=1)
+    page_size = check_int("page_size", page_size, minimum=1)
     if k_dim != dim:
         raise ValueError(f"k_buffer must be [tokens, Hk, {dim}] (q's head dim), got {tuple(k_buffer.shape)}")
     if tuple(v_buffer.shape[:2]) != (tokens, kv_heads):
@@ -768,15 +723,15 @@ def decode_attention_fwd(q: Tensor, k_buffer: Tensor, v_buffer: Tensor, o: Tenso
     if channels == d_v + 1:
         attn_lse = None
     else:
-        tensor("attn_lse", attn_lse, (3,), F32, device)
+        check_tensor("attn_lse", attn_lse, ndim=3, dtypes=F32, device=device, like="q")
         _shape("attn_lse", attn_lse, (batch, heads, splits))
     if tokens % page_size:
         raise ValueError(f"k_buffer's token count ({tokens}) must be a multiple of page_size ({page_size})")
-    tensor("req_to_token", req_to_token, (2,), I32, device)
+    check_tensor("req_to_token", req_to_token, ndim=2, dtypes=I32, device=device, like="q")
     if req_to_token.shape[0] != batch or req_to_token.stride(1) != 1:
         raise ValueError(f"req_to_token must be [batch={batch}, max_pages] with contiguous rows, got "
                          f"{tuple(req_to_token.shape)}")
-    index("b_seq_len", b_seq_len, batch, device)
+    check_int32_vector("b_seq_len", b_seq_len, batch, device=device, like="q")
     # the K row is loaded as a power-of-two tile plus the rest (576 = 512 + 64, 192 = 128 + 64)
     d_nope = 1 << (dim.bit_length() - 1)
     if d_nope == dim and dim >= 32:
@@ -785,8 +740,8 @@ def decode_attention_fwd(q: Tensor, k_buffer: Tensor, v_buffer: Tensor, o: Tenso
     key = AttnKey(device, q.dtype, k_buffer.dtype, v_buffer.dtype if separate else None, o.dtype, heads, kv_heads, 1,
                   d_nope, dim - d_nope, d_v)
     return DecodeCall(q, k_buffer, v_buffer, o, _lse("lse", lse, batch, heads, device),
-                      req_to_token, b_seq_len, attn_logits, attn_lse, splits, real("sm_scale", sm_scale), page_size,
-                      real("logit_cap", logit_cap), scale_f32("k_scale", k_scale, device),
+                      req_to_token, b_seq_len, attn_logits, attn_lse, splits, check_float("sm_scale", sm_scale), page_size,
+                      check_float("logit_cap", logit_cap), scale_f32("k_scale", k_scale, device),
                       scale_f32("v_scale", v_scale, device), key, backend)
 
 
@@ -794,17 +749,17 @@ def decode_attention_fwd(q: Tensor, k_buffer: Tensor, v_buffer: Tensor, o: Tenso
 
 
 def _slots(slot_mapping, tokens: int, device, like: str) -> None:
-    tensor("slot_mapping", slot_mapping, (1,), SLOT_DTYPES, device, like)
+    check_index_tensor("slot_mapping", slot_mapping, ndim=1, device=device, like=like)
     if slot_mapping.shape[0] != tokens:
         raise ValueError(f"slot_mapping must have one entry per token ({tokens}), got {slot_mapping.shape[0]}")
 
 
 def _rope_tables(cos, sin, rope: int, device, like: str, names=("cos_cache", "sin_cache")) -> None:
     for name, t in zip(names, (cos, sin)):
-        tensor(name, t, (2,), FLOAT_DTYPES, device, like)
+        check_tensor(name, t, ndim=2, dtypes=FLOAT_DTYPES, device=device, like=like)
         if t.shape[1] not in (rope // 2, rope):
             raise ValueError(f"{name} must be [max_pos, {rope // 2}] (or full width {rope}), got {tuple(t.shape)}")
-        last_dim_contiguous(name, t)
+        check_last_dim_contiguous(name, t)
     if cos.shape != sin.shape or cos.stride() != sin.stride():
         raise ValueError(f"{names[0]} and {names[1]} must have the same shape and strides, got {tuple(cos.shape)} "
                          f"and {tuple(sin.shape)}")
@@ -813,21 +768,21 @@ def _rope_tables(cos, sin, rope: int, device, like: str, names=("cos_cache", "si
 
 
 def _mla_cache(kv_cache, width: int, device, like: str) -> None:
-    tensor("kv_cache", kv_cache, (3, 4), None, device, like)
+    check_tensor("kv_cache", kv_cache, ndim=(3, 4), device=device, like=like)
     if kv_cache.dim() == 4 and kv_cache.shape[2] != 1:
         raise ValueError(f"kv_cache must be [num_blocks, block_size, (1,) {width}], got {tuple(kv_cache.shape)}")
     if kv_cache.shape[-1] != width:
         raise ValueError(f"kv_cache rows must be {width} wide (kv_lora_rank + rope), got {kv_cache.shape[-1]}")
-    last_dim_contiguous("kv_cache", kv_cache)
+    check_last_dim_contiguous("kv_cache", kv_cache)
 
 
 def concat_and_cache_mla(kv_c: Tensor, k_pe: Tensor, kv_cache: Tensor, slot_mapping: Tensor, kv_cache_dtype: str,
                          scale: Optional[Tensor], backend: Optional[str] = None) -> ConcatCacheCall:
     """``kv_c [T, lora]``, ``k_pe [T, (1,) rope]`` into ``kv_cache [blocks, block_size, (1,)
     lora + rope]`` at ``slot_mapping [T]``; fp8 caches store ``x / scale``."""
-    tensor("kv_c", kv_c, (2, 3), FLOAT_DTYPES, like="kv_c")
+    check_tensor("kv_c", kv_c, ndim=(2, 3), dtypes=FLOAT_DTYPES)
     device = kv_c.device
-    tensor("k_pe", k_pe, (2, 3), FLOAT_DTYPES, device, "kv_c")
+    check_tensor("k_pe", k_pe, ndim=(2, 3), dtypes=FLOAT_DTYPES, device=device, like="kv_c")
     tokens = kv_c.shape[0]
     if k_pe.shape[0] != tokens:
         raise ValueError(f"k_pe must have {tokens} tokens like kv_c, got {tuple(k_pe.shape)}")
@@ -836,8 +791,8 @@ def concat_and_cache_mla(kv_c: Tensor, k_pe: Tensor, kv_cache: Tensor, slot_mapp
     _slots(slot_mapping, tokens, device, "kv_c")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
-    last_dim_contiguous("kv_c", kv_c)
-    last_dim_contiguous("k_pe", k_pe)
+    check_last_dim_contiguous("kv_c", kv_c)
+    check_last_dim_contiguous("k_pe", k_pe)
     key = CacheKey(device, kv_c.dtype, kv_cache.dtype, None, lora, pe)
     return ConcatCacheCall(kv_c.reshape(tokens, lora), k_pe.reshape(tokens, pe), kv_cache, slot_mapping,
                            scale_f32("scale", scale, device, "kv_c"), key, backend)
@@ -851,12 +806,12 @@ def fused_qk_rope_concat_and_cache_mla(q_nope: Tensor, q_pe: Tensor, kv_c: Tenso
     """RoPE on ``q_pe [T, H, rope]`` / ``k_pe [T, (1,) rope]`` at ``positions [T]``; ``q_out [T, H,
     lora + rope]`` and the cache rows (nope part first when ``is_nope_first``)."""
     like = "q_nope"
-    tensor("q_nope", q_nope, (3,), FLOAT_DTYPES, like=like)
+    check_tensor("q_nope", q_nope, ndim=3, dtypes=FLOAT_DTYPES)
     device = q_nope.device
-    tensor("q_pe", q_pe, (3,), FLOAT_DTYPES, device, like)
-    tensor("kv_c", kv_c, (2, 3), FLOAT_DTYPES, device, like)
-    tensor("k_pe", k_pe, (2, 3), FLOAT_DTYPES, device, like)
-    tensor("q_out", q_out, (3,), Q_DTYPES, device, like)
+    check_tensor("q_pe", q_pe, ndim=3, dtypes=FLOAT_DTYPES, device=device, like=like)
+    check_tensor("kv_c", kv_c, ndim=(2, 3), dtypes=FLOAT_DTYPES, device=device, like=like)
+    check_tensor("k_pe", k_pe, ndim=(2, 3), dtypes=FLOAT_DTYPES, device=device, like=like)
+    check_tensor("q_out", q_out, ndim=3, dtypes=Q_DTYPES, device=device, like=like)
     tokens, heads, lora = q_nope.shape
     pe = q_pe.shape[-1]
     if tuple(q_pe.shape[:2]) != (tokens, heads):
@@ -867,17 +822,17 @@ def fused_qk_rope_concat_and_cache_mla(q_nope: Tensor, q_pe: Tensor, kv_c: Tenso
     _shape("q_out", q_out, (tokens, heads, lora + pe))
     _mla_cache(kv_cache, lora + pe, device, like)
     _slots(slot_mapping, tokens, device, like)
-    tensor("positions", positions, (1,), SLOT_DTYPES, device, like)
+    check_index_tensor("positions", positions, ndim=1, device=device, like=like)
     if positions.shape[0] != tokens:
         raise ValueError(f"positions must have {tokens} entries, got {positions.shape[0]}")
     _rope_tables(cos_cache, sin_cache, pe, device, like)
     for name, t in (("q_nope", q_nope), ("q_pe", q_pe), ("kv_c", kv_c), ("k_pe", k_pe), ("q_out", q_out)):
-        last_dim_contiguous(name, t)
+        check_last_dim_contiguous(name, t)
     key = CacheKey(device, q_nope.dtype, kv_cache.dtype, q_out.dtype, lora, pe)
     return RopeConcatCacheCall(q_nope, q_pe, kv_c.reshape(tokens, 1, lora), k_pe.reshape(tokens, 1, pe), kv_cache,
                                q_out, slot_mapping, scale_f32("k_scale", k_scale, device, like),
                                scale_f32("q_scale", q_scale, device, like), positions, cos_cache, sin_cache,
-                               flag("is_neox", is_neox), flag("is_nope_first", is_nope_first), key, backend)
+                               check_bool("is_neox", is_neox), check_bool("is_nope_first", is_nope_first), key, backend)
 
 
 def fused_qk_rope_cat_and_cache_mla(q_nope: Tensor, q_pe: Tensor, k_nope: Tensor, k_pe: Tensor, kv_cache: Tensor,
@@ -890,12 +845,12 @@ def fused_qk_rope_cat_and_cache_mla(q_nope: Tensor, q_pe: Tensor, k_nope: Tensor
     [B_slot, KH, D1|D2]``, ``kv_cache [rows, KH, D1 + D2]``; ``q_out [B, QH, D1 + D2]``,
     ``k_pe_out`` like ``k_pe``, ``decode_q_pe_out [n <= B, QH, D2]``, zeros ``[n, QH, D1]``."""
     like = "q_nope"
-    tensor("q_nope", q_nope, (3,), FLOAT_DTYPES, like=like)
+    check_tensor("q_nope", q_nope, ndim=3, dtypes=FLOAT_DTYPES)
     device = q_nope.device
-    tensor("q_pe", q_pe, (3,), FLOAT_DTYPES, device, like)
-    tensor("k_nope", k_nope, (3,), FLOAT_DTYPES, device, like)
-    tensor("k_pe", k_pe, (3,), FLOAT_DTYPES, device, like)
-    tensor("kv_cache", kv_cache, (3,), None, device, like)
+    check_tensor("q_pe", q_pe, ndim=3, dtypes=FLOAT_DTYPES, device=device, like=like)
+    check_tensor("k_nope", k_nope, ndim=3, dtypes=FLOAT_DTYPES, device=device, like=like)
+    check_tensor("k_pe", k_pe, ndim=3, dtypes=FLOAT_DTYPES, device=device, like=like)
+    check_tensor("kv_cache", kv_cache, ndim=3, device=device, like=like)
     batch, q_heads, d1 = q_nope.shape
     d2 = q_pe.shape[-1]
     n_slot, k_heads = k_nope.shape[0], k_nope.shape[1]
@@ -909,29 +864,29 @@ def fused_qk_rope_cat_and_cache_mla(q_nope: Tensor, q_pe: Tensor, k_nope: Tensor
     if k_heads > MAX_ROPE_KV_HEADS:
         raise ValueError(f"at most {MAX_ROPE_KV_HEADS} KV heads are supported, got {k_heads}")
     _slots(slot_mapping, n_slot, device, like)
-    tensor("pos", pos, (1,), SLOT_DTYPES, device, like)
+    check_index_tensor("pos", pos, ndim=1, device=device, like=like)
     if pos.shape[0] < max(batch, n_slot):
         raise ValueError(f"pos must have at least max(B, B_slot) = {max(batch, n_slot)} entries, got {pos.shape[0]}")
     _rope_tables(cos, sin, d2, device, like, names=("cos", "sin"))
     k_scale = scale_f32("k_scale", k_scale, device, like)
-    tensor("q_out", q_out, (3,), Q_DTYPES, device, like)
+    check_tensor("q_out", q_out, ndim=3, dtypes=Q_DTYPES, device=device, like=like)
     _shape("q_out", q_out, (batch, q_heads, d1 + d2))
-    tensor("k_pe_out", k_pe_out, (3,), FLOAT_DTYPES, device, like)
+    check_tensor("k_pe_out", k_pe_out, ndim=3, dtypes=FLOAT_DTYPES, device=device, like=like)
     _shape("k_pe_out", k_pe_out, tuple(k_pe.shape))
     if decode_q_pe_out is not None:
-        tensor("decode_q_pe_out", decode_q_pe_out, (3,), FLOAT_DTYPES, device, like)
+        check_tensor("decode_q_pe_out", decode_q_pe_out, ndim=3, dtypes=FLOAT_DTYPES, device=device, like=like)
         if decode_q_pe_out.shape[0] > batch or tuple(decode_q_pe_out.shape[1:]) != (q_heads, d2):
             raise ValueError(f"decode_q_pe_out must be [n <= {batch}, {q_heads}, {d2}], got "
                              f"{tuple(decode_q_pe_out.shape)}")
-        last_dim_contiguous("decode_q_pe_out", decode_q_pe_out)
+        check_last_dim_contiguous("decode_q_pe_out", decode_q_pe_out)
     if q_nope_zeros_out is not None:
-        tensor("q_nope_zeros_out", q_nope_zeros_out, (3,), FLOAT_DTYPES, device, like)
+        check_tensor("q_nope_zeros_out", q_nope_zeros_out, ndim=3, dtypes=FLOAT_DTYPES, device=device, like=like)
     for name, t in (("q_nope", q_nope), ("q_pe", q_pe), ("k_nope", k_nope), ("k_pe", k_pe), ("q_out", q_out),
                     ("kv_cache", kv_cache), ("k_pe_out", k_pe_out)):
-        last_dim_contiguous(name, t)
+        check_last_dim_contiguous(name, t)
     key = CacheKey(device, q_nope.dtype, kv_cache.dtype, q_out.dtype, d1, d2)
     return RopeCatCacheCall(q_nope, q_pe, k_nope, k_pe, kv_cache, slot_mapping, pos, cos, sin, k_scale,
-                            flag("is_neox", is_neox), flag("apply_scale", apply_scale), q_out, k_pe_out,
+                            check_bool("is_neox", is_neox), check_bool("apply_scale", apply_scale), q_out, k_pe_out,
                             decode_q_pe_out, q_nope_zeros_out, key, backend)
 
 

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from aiter_core.checks import check_int, check_int32_vector, check_tensor
+
 from . import checks as C
 from .triton.launch import tiling
 
@@ -58,11 +60,11 @@ def get_mla_metadata_info_v1(batch_size: int, max_seqlen_qo: int, num_head_qo: i
     """``[(shape, dtype)] * 6`` of ``work_metadata``, ``work_indptr``, ``work_info_set``,
     ``reduce_indptr``, ``reduce_final_map``, ``reduce_partial_map`` (allocate them with
     ``torch.empty(shape, dtype=dtype, device=...)``)."""
-    C.integer("batch_size", batch_size, 1)
-    C.integer("max_seqlen_qo", max_seqlen_qo, 1)
-    C.integer("num_head_qo", num_head_qo, 1)
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("max_seqlen_qo", max_seqlen_qo, minimum=1)
+    check_int("num_head_qo", num_head_qo, minimum=1)
     C.metadata_options(is_sparse=is_sparse)
-    splits = max_split_per_batch if max_split_per_batch > 0 else C.integer("num_kv_splits", num_kv_splits, 1)
+    splits = max_split_per_batch if max_split_per_batch > 0 else check_int("num_kv_splits", num_kv_splits, minimum=1)
     block_h, block_q = tiling(num_head_qo, max_seqlen_qo)
     q_tiles = -(-max_seqlen_qo // block_q)
     groups = -(-num_head_qo // block_h)
@@ -89,17 +91,17 @@ def get_mla_metadata_v1(seqlens_qo_indptr: Tensor, seqlens_kv_indptr: Tensor, kv
                         dtype_q=None, dtype_kv=None) -> None:
     """Fill the buffers from :func:`get_mla_metadata_info_v1` for this batch (in place)."""
     like = "seqlens_qo_indptr"
-    batch = C.index(like, seqlens_qo_indptr, None, None) - 1
+    batch = check_int32_vector(like, seqlens_qo_indptr).shape[0] - 1
     device = seqlens_qo_indptr.device
-    C.index("seqlens_kv_indptr", seqlens_kv_indptr, batch + 1, device, like)
-    C.index("kv_last_page_lens", kv_last_page_lens, batch, device, like)
+    check_int32_vector("seqlens_kv_indptr", seqlens_kv_indptr, batch + 1, device=device, like=like)
+    check_int32_vector("kv_last_page_lens", kv_last_page_lens, batch, device=device, like=like)
     C.metadata_options(topk=topk, num_heads_k=num_heads_k)
-    C.integer("page_size", page_size, 1)
-    heads = C.integer("num_heads_per_head_k", num_heads_per_head_k, 1)
+    check_int("page_size", page_size, minimum=1)
+    heads = check_int("num_heads_per_head_k", num_heads_per_head_k, minimum=1)
     for name, buf, dims in (("work_info_set", work_info_set, 2), ("work_indptr", work_indptr, 1),
                             ("reduce_indptr", reduce_indptr, 1), ("reduce_final_map", reduce_final_map, 2),
                             ("reduce_partial_map", reduce_partial_map, 1)):
-        C.tensor(name, buf, (dims,), C.I32, device, like)
+        check_tensor(name, buf, ndim=dims, dtypes=C.I32, device=device, like=like)
     if work_info_set.shape[1] != 8:
         raise ValueError(f"work_info_set must have 8 int32 fields per row, got shape {tuple(work_info_set.shape)}")
     if max_seqlen_qo <= 0:
