@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from aiter_mla import api, triton_api
-from aiter_mla.reference import decode_grouped_rope_ref, mla_block_table_ref, mla_prefill_ps_ref
+from aiter_mla.reference import (
+    decode_grouped_rope_partials_ref,
+    decode_grouped_rope_ref,
+    mla_block_table_ref,
+    mla_prefill_ps_ref,
+)
 from aiter_mla.testing import CUDA, DEVICE, INTERPRET, assert_close, make_paged_case, nan_like
 
 pytestmark = pytest.mark.skipif(not (INTERPRET or CUDA), reason="Triton kernels need TRITON_INTERPRET=1 or a GPU")
@@ -138,3 +143,34 @@ def test_sglang_decode_attention_fwd(mla, heads, kv_heads, dims, page, lse_chann
     assert_close("lse", lse, ref_lse, TOL[DTYPE], 1e-4)
     if lse_channel:
         assert_close("merged split LSEs", torch.logsumexp(logits[..., d_v], -1), ref_lse, 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("neox", [True, False])
+def test_grouped_rope_decode_split_partials_match_upstream_partition(neox):
+    """Issue 18: AITER's test_op_fwd_rope (rope width 127, rotary 64, S=2050) compares the split
+    partials ``attn_logits`` themselves. Upstream splits a sequence at ``cdiv(len, splits)``;
+    splits aligned to the key tile gave other partials whenever that was not a multiple of the
+    tile (the ragged tail). Rope width 127 (not a power of two), lengths not multiples of any tile."""
+    lora, rope, rotary, splits, heads = 32, 127, 64, 2, 4
+    lens = [37, 50, 5]
+    q, k_buffer, v_buffer, kv_indptr, kv_indices = _grouped_case(len(lens), heads, lens, rope, seed=127)
+    gen = torch.Generator().manual_seed(5)
+    k_buffer = torch.randn(k_buffer.shape[0], 1, lora + rope, generator=gen).to(DEVICE, DTYPE)
+    v_buffer = k_buffer[..., :lora]
+    q = torch.randn(len(lens), heads, lora + rope, generator=gen).to(DEVICE, DTYPE)
+    cos_sin = torch.randn(64, rotary, generator=gen).to(DEVICE, DTYPE)
+    positions = torch.tensor([50, 37, 3], dtype=torch.int64, device=DEVICE)
+    attn_logits = nan_like((len(lens), heads, splits, lora + 1), torch.float32)
+    k_pe_tokens = nan_like((len(lens), rope), DTYPE)
+    o = nan_like((len(lens), heads, lora), DTYPE)
+    api.decode_attention_fwd_grouped_rope(q, k_buffer, v_buffer, o, kv_indptr, kv_indices, k_pe_tokens, lora, rotary,
+                                          cos_sin, positions, attn_logits, splits, 0.3, use_rope=True,
+                                          is_neox_style=neox, backend="triton")
+    ref_po, ref_pl = decode_grouped_rope_partials_ref(
+        q.cpu(), k_buffer.cpu(), v_buffer.cpu(), kv_indptr.cpu(), kv_indices.cpu(), kv_lora_rank=lora,
+        rotary_dim=rotary, splits=splits, sm_scale=0.3, cos_sin_cache=cos_sin.cpu(), positions=positions.cpu(),
+        is_neox_style=neox)
+    filled = ~torch.isnan(ref_pl)
+    assert bool(filled.all()), "every split of these lengths holds keys"
+    assert_close("attn_logits partial o", attn_logits[..., :lora].cpu(), ref_po, TOL[DTYPE], 1e-3)
+    assert_close("attn_logits partial lse", attn_logits[..., lora].cpu(), ref_pl, TOL[DTYPE], 1e-3)

@@ -26,6 +26,7 @@ __all__ = [
     "mla_decode_ref",
     "mla_block_table_ref",
     "mla_prefill_ps_ref",
+    "decode_grouped_rope_partials_ref",
     "mla_decode_persistent_ref",
     "mla_reduce_ref",
     "merge_splits_ref",
@@ -376,6 +377,44 @@ def decode_grouped_rope_ref(q: Tensor, k_buffer: Tensor, v_buffer: Tensor, kv_in
         ob, lb = attend(qb, kb, vb, sm_scale, False, logit_cap=logit_cap)
         o[b], lse[b] = ob[0], lb[0]
     return o, lse, k_pe_tokens
+
+
+def decode_grouped_rope_partials_ref(q: Tensor, k_buffer: Tensor, v_buffer: Tensor, kv_indptr: Tensor,
+                                     kv_indices: Tensor, *, kv_lora_rank: int, rotary_dim: int, splits: int,
+                                     sm_scale: float, cos_sin_cache: Tensor, positions: Tensor, is_neox_style: bool,
+                                     round_to: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """Upstream's ``attn_logits`` of the grouped RoPE decode: split ``s`` of a sequence of ``n``
+    keys attends keys ``[s * c, min((s + 1) * c, n))``, ``c = cdiv(n, splits)``, with the rotated
+    query and the rotated last key. Returns (partial o [B, H, S, lora], partial lse [B, H, S]);
+    empty splits are NaN (upstream writes nothing there). ``round_to``: the rotated query and
+    last key are rounded to this dtype first (the kernel stores them so)."""
+    batch, heads = q.shape[:2]
+    cos, sin = cos_sin_cache.float().chunk(2, dim=-1)
+    lo, hi = kv_lora_rank, kv_lora_rank + rotary_dim
+    q_rot = q.float().clone()
+    q_rot[..., lo:hi] = rope_ref(q_rot[..., lo:hi], cos, sin, positions, is_neox_style)
+    k_rot = k_buffer.float().clone()
+    ind = kv_indptr.tolist()
+    for b in range(batch):
+        if ind[b + 1] > ind[b]:
+            last = int(kv_indices[ind[b + 1] - 1])
+            k_rot[last:last + 1, :, lo:hi] = rope_ref(k_rot[last:last + 1, :, lo:hi], cos, sin, positions[b:b + 1],
+                                                      is_neox_style)
+    o = torch.full((batch, heads, splits, kv_lora_rank), float("nan"), device=q.device)
+    lse = torch.full((batch, heads, splits), float("nan"), device=q.device)
+    for b in range(batch):
+        n = ind[b + 1] - ind[b]
+        c = -(-n // splits)
+        for s in range(splits):
+            a, e = min(s * c, n), min((s + 1) * c, n)
+            if e <= a:
+                continue
+            sub = kv_indices[ind[b] + a: ind[b] + e]
+            ob, lb, _ = decode_grouped_rope_ref(q_rot[b:b + 1], k_rot, v_buffer.float(),
+                                                torch.tensor([0, e - a], dtype=torch.int32, device=q.device), sub,
+                                                kv_lora_rank=kv_lora_rank, rotary_dim=rotary_dim, sm_scale=sm_scale)
+            o[b, :, s], lse[b, :, s] = ob[0], lb[0]
+    return o, lse
 
 
 def decode_paged_ref(q: Tensor, k_buffer: Tensor, v_buffer: Tensor, req_to_token: Tensor, b_seq_len: Tensor, *,

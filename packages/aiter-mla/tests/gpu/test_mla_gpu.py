@@ -321,3 +321,35 @@ def test_decode_on_a_pool_past_2_31_elements(splits):
     _check(o, lse, ref_o, ref_lse)
     del pool, far
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("seq_len", [2048, 2050, 2049, 1000])
+@pytest.mark.parametrize("neox", [True, False])
+def test_grouped_rope_partials_upstream_shape_bf16(seq_len, neox):
+    """Issue 18: AITER's test_op_fwd_rope at its shape (B=1, H=128, kv_lora_rank 512, rope 127,
+    rotary 64, 2 splits, sm_scale 1.0, bf16, position S): ``attn_logits`` holds upstream's split
+    partition (cdiv(len, 2)), so its partials match a reference split the same way."""
+    from aiter_mla.reference import decode_grouped_rope_partials_ref
+
+    torch.manual_seed(seq_len)
+    heads, lora, rope, rotary, splits = 128, 512, 127, 64, 2
+    q = torch.randn(1, heads, lora + rope, device="cuda", dtype=BF16)
+    k_buffer = torch.randn(seq_len, 1, lora + rope, device="cuda", dtype=BF16)
+    kv_indptr = torch.tensor([0, seq_len], dtype=torch.int32, device="cuda")
+    kv_indices = torch.arange(seq_len, dtype=torch.int32, device="cuda")
+    inv = 1.0 / (10 ** (torch.arange(0, rotary, 2, device="cuda").float() / rotary))
+    freqs = torch.arange(16324, device="cuda").float()[:, None] * inv[None, :]
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(BF16)
+    positions = torch.tensor([seq_len], device="cuda")
+    attn_logits = nan_like((1, heads, splits, lora + 1), torch.float32, "cuda")
+    k_pe_tokens = nan_like((1, rope), BF16, "cuda")
+    o = nan_like((1, heads, lora), BF16, "cuda")
+    api.decode_attention_fwd_grouped_rope(q, k_buffer, k_buffer[..., :lora], o, kv_indptr, kv_indices, k_pe_tokens,
+                                          lora, rotary, cos_sin, positions, attn_logits, splits, 1.0, use_rope=True,
+                                          is_neox_style=neox)
+    ref_po, ref_pl = decode_grouped_rope_partials_ref(
+        q, k_buffer, k_buffer[..., :lora], kv_indptr, kv_indices, kv_lora_rank=lora, rotary_dim=rotary, splits=splits,
+        sm_scale=1.0, cos_sin_cache=cos_sin, positions=positions, is_neox_style=neox, round_to=BF16)
+    bad = ((attn_logits[..., :lora].float() - ref_po).abs() > 1e-2 + 1e-2 * ref_po.abs()).float().mean().item()
+    assert bad < 1e-3, f"{bad:.2%} of the partial outputs differ (upstream's tolerance 1e-2)"
+    assert_close("partial lse", attn_logits[..., lora].float(), ref_pl, 0.5, 1e-2)

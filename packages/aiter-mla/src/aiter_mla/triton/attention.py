@@ -264,7 +264,12 @@ def mla_attn_kernel(
     if CAUSAL:
         hi = tl.minimum(kv_len, kv_len - qlen + q_pos0 + n_q)
     hi = tl.maximum(hi, 0)
-    chunk = tl.cdiv(tl.cdiv(hi, num_splits), BLOCK_N) * BLOCK_N
+    if TABLE_MODE == 2:
+        # SGLang's token-level forms: split s holds keys [s * c, (s + 1) * c), c = cdiv(len, splits),
+        # the partition of upstream's attn_logits (a caller reads the partials per split)
+        chunk = tl.cdiv(hi, num_splits)
+    else:
+        chunk = tl.cdiv(tl.cdiv(hi, num_splits), BLOCK_N) * BLOCK_N
     lo = tl.minimum(split * chunk, hi)
     hi = tl.minimum(lo + chunk, hi)
     if n_q <= 0:  # a q tile past this sequence's tokens: nothing to do
