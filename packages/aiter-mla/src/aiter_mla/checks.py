@@ -669,7 +669,9 @@ def decode_attention_fwd_grouped_rope(q: Tensor, k_buffer: Tensor, v_buffer: Ten
         if cos_sin_cache is None or positions is None or k_pe_tokens is None:
             raise ValueError("use_rope=True needs cos_sin_cache, positions and k_pe_tokens")
         check_tensor("cos_sin_cache", cos_sin_cache, ndim=2, dtypes=FLOAT_DTYPES, device=device, like="q")
-        check_index_tensor("positions", positions, ndim=1, device=device, like="q")
+        if isinstance(positions, Tensor) and positions.dim() == 2 and positions.shape[1] == 1:
+            positions = positions.reshape(-1)  # upstream's test passes positions as [B, 1]
+        _index_vector("positions", positions, device, "q")
         check_tensor("k_pe_tokens", k_pe_tokens, ndim=(1, 2, 3), dtypes=FLOAT_DTYPES, device=device, like="q")
         rotary_dim = check_int("rotary_dim", rotary_dim)
         if not (0 < rotary_dim <= rope and rotary_dim % 2 == 0):
@@ -748,8 +750,16 @@ def decode_attention_fwd(q: Tensor, k_buffer: Tensor, v_buffer: Tensor, o: Tenso
 # -- cache ops ---------------------------------------------------------------------------------------
 
 
+def _index_vector(name: str, x, device, like: str) -> None:
+    """A 1-D int32/int64 tensor the kernels read as ``x[i]`` (unit stride): a strided view (a
+    column of a 2-D tensor) is refused rather than read wrongly."""
+    check_index_tensor(name, x, ndim=1, device=device, like=like)
+    if x.shape[0] > 1 and x.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous (stride 1), got stride {x.stride(0)}")
+
+
 def _slots(slot_mapping, tokens: int, device, like: str) -> None:
-    check_index_tensor("slot_mapping", slot_mapping, ndim=1, device=device, like=like)
+    _index_vector("slot_mapping", slot_mapping, device, like)
     if slot_mapping.shape[0] != tokens:
         raise ValueError(f"slot_mapping must have one entry per token ({tokens}), got {slot_mapping.shape[0]}")
 
@@ -822,7 +832,7 @@ def fused_qk_rope_concat_and_cache_mla(q_nope: Tensor, q_pe: Tensor, kv_c: Tenso
     _shape("q_out", q_out, (tokens, heads, lora + pe))
     _mla_cache(kv_cache, lora + pe, device, like)
     _slots(slot_mapping, tokens, device, like)
-    check_index_tensor("positions", positions, ndim=1, device=device, like=like)
+    _index_vector("positions", positions, device, like)
     if positions.shape[0] != tokens:
         raise ValueError(f"positions must have {tokens} entries, got {positions.shape[0]}")
     _rope_tables(cos_cache, sin_cache, pe, device, like)
@@ -864,7 +874,7 @@ def fused_qk_rope_cat_and_cache_mla(q_nope: Tensor, q_pe: Tensor, k_nope: Tensor
     if k_heads > MAX_ROPE_KV_HEADS:
         raise ValueError(f"at most {MAX_ROPE_KV_HEADS} KV heads are supported, got {k_heads}")
     _slots(slot_mapping, n_slot, device, like)
-    check_index_tensor("pos", pos, ndim=1, device=device, like=like)
+    _index_vector("pos", pos, device, like)
     if pos.shape[0] < max(batch, n_slot):
         raise ValueError(f"pos must have at least max(B, B_slot) = {max(batch, n_slot)} entries, got {pos.shape[0]}")
     _rope_tables(cos, sin, d2, device, like, names=("cos", "sin"))

@@ -256,10 +256,11 @@ def rope_ref(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, is_neox: bo
     """Rotary embedding of ``x [T, H, D]`` at ``positions [T]`` with ``cos/sin [max_pos, D/2 | D]``.
 
     neox: halves ``(x1, x2)`` -> ``(x1 c - x2 s, x2 c + x1 s)``; interleaved (GPT-J): pairs
-    ``(x[2i], x[2i+1])`` rotated the same way. Computed in fp32, returned in fp32.
+    ``(x[2i], x[2i+1])`` rotated the same way. Computed in fp32, returned in fp32. Positions
+    are clamped into ``[0, max_pos)``: one past the table uses its last row (the kernels' rule).
     """
     width = x.shape[-1]
-    pos = positions.to(torch.int64)
+    pos = positions.to(torch.int64).clamp(0, cos.shape[0] - 1)
     c = _full_width(cos.float()[pos], width, is_neox)[:, None, :]
     s = _full_width(sin.float()[pos], width, is_neox)[:, None, :]
     xf = x.float()
@@ -285,12 +286,13 @@ def _store(values: Tensor, dtype: torch.dtype, scale: Optional[Tensor]) -> Tenso
 def concat_and_cache_mla_ref(kv_c: Tensor, k_pe: Tensor, kv_cache: Tensor, slot_mapping: Tensor,
                              scale: Optional[Tensor]) -> Tensor:
     """A copy of ``kv_cache`` ``[blocks, block_size, (1,) lora+pe]`` with row ``slot`` of token
-    ``t`` set to ``cat(kv_c[t], k_pe[t])`` (fp8 caches: divided by ``scale``); slot < 0 skipped."""
+    ``t`` set to ``cat(kv_c[t], k_pe[t])`` (fp8 caches: divided by ``scale``); a slot outside
+    ``[0, blocks * block_size)`` is skipped."""
     out = kv_cache.clone()
     flat = out.view(-1, kv_cache.shape[-1])
     rows = torch.cat([kv_c.reshape(kv_c.shape[0], -1).float(), k_pe.reshape(k_pe.shape[0], -1).float()], dim=-1)
     for t, slot in enumerate(slot_mapping.cpu().tolist()):
-        if slot >= 0:
+        if 0 <= slot < flat.shape[0]:
             flat[slot] = _store(rows[t], kv_cache.dtype, scale)
     return out
 
@@ -313,7 +315,7 @@ def fused_qk_rope_concat_and_cache_mla_ref(q_nope: Tensor, q_pe: Tensor, kv_c: T
     cache = kv_cache.clone()
     flat = cache.view(-1, kv_cache.shape[-1])
     for t, slot in enumerate(slot_mapping.cpu().tolist()):
-        if slot >= 0:
+        if 0 <= slot < flat.shape[0]:
             flat[slot] = _store(rows[t], kv_cache.dtype, k_scale)
     return new_q, cache
 
@@ -327,7 +329,7 @@ def fused_qk_rope_cat_and_cache_mla_ref(q_nope: Tensor, q_pe: Tensor, k_nope: Te
 
     ``q_nope/q_pe [B, QH, D1|D2]`` (B query tokens, positions ``pos[:B]``), ``k_nope/k_pe
     [B_slot, KH, D1|D2]`` (positions ``pos[:B_slot]``), ``kv_cache [rows, KH, D1+D2]`` with
-    ``slot_mapping[t]`` the row of token ``t`` (< 0 skipped).
+    ``slot_mapping[t]`` the row of token ``t`` (outside ``[0, rows)``: skipped).
     """
     nq = q_nope.shape[0]
     q_rot = rope_ref(q_pe, cos, sin, pos[:nq], is_neox)
@@ -337,7 +339,7 @@ def fused_qk_rope_cat_and_cache_mla_ref(q_nope: Tensor, q_pe: Tensor, k_nope: Te
     cache = kv_cache.clone()
     scale = k_scale if apply_scale else None
     for t, slot in enumerate(slot_mapping.cpu().tolist()):
-        if slot >= 0:
+        if 0 <= slot < cache.shape[0]:
             cache[slot] = _store(rows[t], kv_cache.dtype, scale)
     return q_out, k_rot.to(k_pe.dtype), cache
 
@@ -360,14 +362,17 @@ def decode_grouped_rope_ref(q: Tensor, k_buffer: Tensor, v_buffer: Tensor, kv_in
     k_pe_tokens = torch.zeros(batch, k_buffer.shape[1], rope, dtype=torch.float32, device=q.device) if use_rope else None
     for b in range(batch):
         idx = kv_indices[ind[b]:ind[b + 1]].to(torch.int64)
+        last_ok = idx.numel() > 0 and 0 <= int(idx[-1]) < k_buffer.shape[0]
+        idx = idx[(idx >= 0) & (idx < k_buffer.shape[0])]  # out-of-range ids are skipped
         qb = q[b : b + 1].float().clone()
         kb = k_buffer[idx].float().clone()
         vb = v_buffer[idx].float()
-        if use_rope and idx.numel() > 0:
+        if use_rope and ind[b + 1] > ind[b]:
             cos, sin = cos_sin_cache.float().chunk(2, dim=-1)
-            pos = positions[b : b + 1]
             lo, hi = kv_lora_rank, kv_lora_rank + rotary_dim
-            qb[..., lo:hi] = rope_ref(qb[..., lo:hi], cos, sin, pos, is_neox_style)
+            qb[..., lo:hi] = rope_ref(qb[..., lo:hi], cos, sin, positions[b : b + 1], is_neox_style)
+        if use_rope and last_ok:
+            pos = positions[b : b + 1]
             last = kb[-1:].clone()
             last[..., lo:hi] = rope_ref(last[..., lo:hi], cos, sin, pos, is_neox_style)
             kb[-1:] = last

@@ -1,7 +1,9 @@
 """MLA cache writes in Triton: ``concat_and_cache_mla`` and the fused RoPE + cache ops.
 
 One program per token (``program_id(0)``); the second grid axis walks blocks of query heads,
-and its last index writes the token's cache row. Slots < 0 are skipped. fp8 caches store
+and its last index writes the token's cache row. A slot outside ``[0, capacity)`` (the cache's
+rows) is skipped: nothing is written for it. Positions are clamped into ``[0, max_pos)`` (the
+rows of the cos/sin table: a position past it uses the last row). fp8 caches store
 ``x / scale`` (clamped to the type's range); the RoPE formula is :mod:`.rope`'s. Kernels only:
 :mod:`.launch` launches them.
 """
@@ -34,13 +36,14 @@ def _rope_row(ptr, offs, ok, cos_row, sin_row, ROT: tl.constexpr, IS_NEOX: tl.co
 
 @triton.jit
 def _concat_cache_kernel(
-    KVC, stride_ct, KPE, stride_pt, Cache, stride_cb, stride_cs, slots, scale, block_size,
+    KVC, stride_ct, KPE, stride_pt, Cache, stride_cb, stride_cs, slots, scale, block_size, capacity,
     LORA: tl.constexpr, PE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
     FP8: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots + t).to(tl.int64)
-    live = slot >= 0
+    live = (slot >= 0) & (slot < capacity)
+    slot = tl.where(live, slot, 0)
     row = Cache + (slot // block_size) * stride_cb + (slot % block_size) * stride_cs
     s = tl.load(scale) if FP8 else 1.0
     offs_l = tl.arange(0, BLOCK_L)
@@ -58,8 +61,8 @@ def _fused_rope_cache_kernel(
     QN, s_qn_t, s_qn_h, QP, s_qp_t, s_qp_h,
     KN, s_kn_t, s_kn_h, KP, s_kp_t, s_kp_h,
     QOut, s_qo_t, s_qo_h, KPOut, s_kpo_t, s_kpo_h, DQP, s_dqp_t, s_dqp_h, n_dq,
-    Cache, s_cb, s_cs, s_ch, block_size, slots,
-    pos, cos, sin, s_cos, q_scale, k_scale,
+    Cache, s_cb, s_cs, s_ch, block_size, capacity, slots,
+    pos, cos, sin, s_cos, max_pos, q_scale, k_scale,
     n_q, n_k, q_heads, k_heads,
     D1: tl.constexpr, D2: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, BLOCK_HQ: tl.constexpr,
     IS_NEOX: tl.constexpr, COS_FULL: tl.constexpr, NOPE_FIRST: tl.constexpr,
@@ -70,7 +73,7 @@ def _fused_rope_cache_kernel(
     cache row ``cat(k_nope, rope(k_pe))`` (order by ``NOPE_FIRST``) and ``k_pe_out``."""
     t = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
-    p = tl.load(pos + t).to(tl.int64)
+    p = tl.minimum(tl.maximum(tl.load(pos + t).to(tl.int64), 0), max_pos - 1)
     cos_row = cos + p * s_cos
     sin_row = sin + p * s_cos
     o1 = tl.arange(0, B1)
@@ -108,7 +111,9 @@ def _fused_rope_cache_kernel(
         kr = _rope_row(KP + t * s_kp_t + hh * s_kp_h, o2[None, :], m2, cos_row, sin_row, D2, IS_NEOX, COS_FULL)
         if HAS_KPE_OUT:
             tl.store(KPOut + t * s_kpo_t + hh * s_kpo_h + o2[None, :], kr.to(KPOut.dtype.element_ty), mask=m2)
-        live = heads[:, None] < tl.where(slot >= 0, k_heads, 0)
+        in_cache = (slot >= 0) & (slot < capacity)
+        live = heads[:, None] < tl.where(in_cache, k_heads, 0)
+        slot = tl.where(in_cache, slot, 0)
         row = Cache + (slot // block_size) * s_cb + (slot % block_size) * s_cs + hh * s_ch
         tl.store(row + first_off + o1[None, :], _to_store(kn, ks, K_FP8, K_FP8_MAX, Cache.dtype.element_ty),
                  mask=m1 & live)

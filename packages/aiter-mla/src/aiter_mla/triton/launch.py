@@ -463,7 +463,7 @@ def decode_attention_fwd_grouped_rope(call) -> None:
             call.q, q_st[0], q_st[1], q, rot_st[0], rot_st[1],
             k_buffer, k_buffer.stride()[0], k_pe, k_pe.stride()[0],
             call.kv_indptr, call.kv_indices, call.positions, cos_sin, cos_sin.stride(0),
-            key.num_heads,
+            key.num_heads, cos_sin.shape[0], call.kv_indices.shape[0], k_buffer.shape[0],
             LORA=lora, ROPE=rope, ROT=call.rotary_dim, BLOCK_R=max(16, next_pow2(rope)), BLOCK_HQ=ROPE_BLOCK_HQ,
             IS_NEOX=call.is_neox_style, num_warps=4,
         )
@@ -508,7 +508,7 @@ def concat_and_cache_mla(call) -> None:
     c_st = cache.stride()
     _concat_cache_kernel[(tokens,)](
         kv_c, kv_c.stride()[0], k_pe, k_pe.stride()[0], cache, c_st[0], c_st[1], call.slot_mapping,
-        _one(cache.device) if call.scale is None else call.scale, cache.shape[1],
+        _one(cache.device) if call.scale is None else call.scale, cache.shape[1], cache.shape[0] * cache.shape[1],
         LORA=lora, PE=pe, BLOCK_L=next_pow2(lora), BLOCK_P=next_pow2(pe), FP8=fp8 > 0, FP8_MAX=fp8, num_warps=4,
     )
 
@@ -538,8 +538,8 @@ def _fused_rope_cache(q_nope, q_pe, k_nope, k_pe, cache_rows, cache_head_stride,
         q_out, qo_st[0], qo_st[1],
         one if k_pe_out is None else k_pe_out, kpo_st[0], kpo_st[1],
         one if dqp is None else dqp, dqp_st[0], dqp_st[1], 0 if dqp is None else dqp.shape[0],
-        cache_rows, c_st[0], c_st[1], cache_head_stride, block_size, slot_mapping,
-        pos, cos, sin, cos.stride(0), one if q_scale is None else q_scale, one if k_scale is None else k_scale,
+        cache_rows, c_st[0], c_st[1], cache_head_stride, block_size, cache_rows.shape[0] * block_size, slot_mapping,
+        pos, cos, sin, cos.stride(0), cos.shape[0], one if q_scale is None else q_scale, one if k_scale is None else k_scale,
         n_q, n_k, q_heads, k_heads,
         D1=d1, D2=d2, B1=next_pow2(d1), B2=next_pow2(d2), BLOCK_HQ=ROPE_BLOCK_HQ, IS_NEOX=is_neox,
         COS_FULL=cos.shape[-1] == d2, NOPE_FIRST=nope_first, Q_FP8=q_fp8 > 0, K_FP8=k_fp8 > 0,

@@ -45,14 +45,17 @@ def _rope_decode_kernel(
     Q, stride_qb, stride_qh, QOut, stride_ob, stride_oh,
     KBuf, stride_kt, KPe, stride_kpe,
     kv_indptr, kv_indices, positions, cos_sin, stride_cs,
-    num_heads,
+    num_heads, max_pos, n_indices, n_tokens,
     LORA: tl.constexpr, ROPE: tl.constexpr, ROT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HQ: tl.constexpr,
     IS_NEOX: tl.constexpr,
 ):
     """Sequence ``program_id(0)``: rotate the first ``ROT`` rope channels of its query heads
-    (into ``QOut``) and of its last key (into ``KPe [B, ROPE]``), at ``positions[b]``."""
+    (into ``QOut``) and of its last key (into ``KPe [B, ROPE]``), at ``positions[b]`` clamped
+    into ``[0, max_pos)`` (the table's rows). The last key's entry of ``kv_indices`` (``n_indices``
+    entries) and its token id (``n_tokens`` rows of ``KBuf``) are read only when in range; a
+    skipped last key gives a zero ``KPe`` row (the attention skips that key too)."""
     b = tl.program_id(0)
-    pos = tl.load(positions + b).to(tl.int64)
+    pos = tl.minimum(tl.maximum(tl.load(positions + b).to(tl.int64), 0), max_pos - 1)
     offs = tl.arange(0, BLOCK_R)
     ok = offs < ROPE
     partner, col, sign = rope_indices(offs, ROT, IS_NEOX, False)
@@ -72,10 +75,14 @@ def _rope_decode_kernel(
     p0 = tl.load(kv_indptr + b)
     p1 = tl.load(kv_indptr + b + 1)
     has_keys = p1 > p0
-    last = tl.load(kv_indices + tl.maximum(p1 - 1, 0), mask=has_keys, other=0).to(tl.int64)
-    kok = offs < tl.where(has_keys, ROPE, 0)  # (a scalar & vector mask trips the interpreter)
+    entry_ok = has_keys & (p1 >= 1) & (p1 <= n_indices)
+    last = tl.load(kv_indices + tl.where(entry_ok, p1 - 1, 0), mask=entry_ok, other=-1).to(tl.int64)
+    last_ok = (last >= 0) & (last < n_tokens)
+    last = tl.where(last_ok, last, 0)
+    kok = offs < tl.where(last_ok, ROPE, 0)  # (a scalar & vector mask trips the interpreter)
+    kst = offs < tl.where(has_keys, ROPE, 0)
     kbase = KBuf + last * stride_kt + LORA
     x = tl.load(kbase + offs, mask=kok, other=0.0).to(tl.float32)
     xp = tl.load(kbase + partner, mask=kok & rot, other=0.0).to(tl.float32)
     y = tl.where(rot, x * c + sign * xp * s, x)
-    tl.store(KPe + b.to(tl.int64) * stride_kpe + offs, y.to(KPe.dtype.element_ty), mask=kok)
+    tl.store(KPe + b.to(tl.int64) * stride_kpe + offs, y.to(KPe.dtype.element_ty), mask=kst)

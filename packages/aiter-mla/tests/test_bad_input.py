@@ -1,0 +1,173 @@
+"""Bad input to every public entry point (issue 11): a clear error naming the argument, or the
+documented skip/clamp result against the PyTorch reference with memory outside the given
+tensors untouched.
+
+Host checks run in-process (no kernel launches). Index *contents* (out-of-range, negative and
+huge slots, page/token ids, positions; lengths past the buffers; too-small max_seqlen_q; NaN in
+masked V rows) run the Triton kernels in the CPU interpreter, one subprocess per category, so a
+crash fails one test, not the run. Outputs and caches are slices of larger poisoned buffers
+whose guard regions are checked afterwards; inputs are surrounded by NaN guard regions, so a
+read outside them shows as a non-finite output.
+
+The documented rule (README, "Index metadata and NaN"): a slot outside ``[0, cache rows)``, a
+page/token id outside ``[0, pool size)`` or negative is skipped; positions are clamped into
+``[0, rows of the cos/sin table)``; rows past ``max_seqlen_q`` are still written (the tiling
+covers every row of the sequence); a masked or skipped key contributes nothing, not ``0 x NaN``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+INTERPRET_OK = os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available()
+
+# -- index contents: one subprocess per category -----------------------------------------------------
+
+PRELUDE = """
+import math, torch
+from aiter_mla import api, triton_api
+from aiter_mla import reference as R
+torch.manual_seed(0)
+NAN = float("nan")
+
+def guarded(shape, dtype=torch.float32, fill=NAN, pad=3):
+    # a tensor of `shape` inside a larger buffer whose first and last `pad` rows are `fill`
+    big = torch.full((shape[0] + 2 * pad,) + tuple(shape[1:]), fill, dtype=dtype)
+    return big, big[pad:pad + shape[0]]
+
+def guards_intact(big, pad=3, fill=NAN):
+    g = torch.cat([big[:pad].flatten(), big[-pad:].flatten()]).float()
+    return bool(torch.isnan(g).all()) if fill != fill else bool((g == fill).all())
+
+def close(a, b, tol=1e-4):
+    a, b = a.float(), b.float()
+    return bool(torch.allclose(a, b, atol=tol, rtol=1e-3, equal_nan=False)), float((a - b).abs().max()) if a.numel() else 0.0
+"""
+
+
+def run_case(body: str, timeout: int = 300) -> str:
+    """Run ``PRELUDE + body`` with TRITON_INTERPRET=1 in a fresh process; it must exit 0 and print
+    its last line ``OK ...``. Returns that line."""
+    code = PRELUDE + textwrap.dedent(body)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and lines and lines[-1].startswith("OK"), (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return lines[-1]
+
+
+needs_interpreter = pytest.mark.skipif(not INTERPRET_OK, reason="index-content cases run the CPU interpreter")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("slot_dtype", ["int64", "int32"])
+def test_cache_slots_outside_the_cache_are_skipped(slot_dtype):
+    """concat_and_cache_mla and both fused RoPE cache ops: slots >= capacity, negative and huge
+    are skipped (nothing written); guard blocks around the cache unchanged."""
+    run_case(f"""
+    LORA, PE, blocks, bs = 16, 8, 3, 4
+    cap = blocks * bs
+    huge = 2**40 if "{slot_dtype}" == "int64" else 2**31 - 1
+    slots = torch.tensor([0, -1, cap, cap + 3, 5, huge, -2**31, cap - 1], dtype=torch.{slot_dtype})
+    T = slots.shape[0]
+    # concat_and_cache_mla
+    big, cache = guarded((blocks, bs, LORA + PE), fill=7.0, pad=2)
+    cache.copy_(torch.randn(blocks, bs, LORA + PE))
+    kv_c, k_pe = torch.randn(T, LORA), torch.randn(T, PE)
+    ref = R.concat_and_cache_mla_ref(kv_c, k_pe, cache.clone(), slots, None)
+    api.concat_and_cache_mla(kv_c, k_pe, cache, slots, "auto", None, backend="triton")
+    assert torch.equal(cache, ref), "concat_and_cache_mla"
+    assert guards_intact(big, 2, 7.0), "concat_and_cache_mla wrote outside the cache"
+    # fused_qk_rope_concat_and_cache_mla
+    H = 3
+    big, cache = guarded((blocks, bs, LORA + PE), fill=7.0, pad=2)
+    cache.copy_(torch.randn(blocks, bs, LORA + PE))
+    q_nope, q_pe = torch.randn(T, H, LORA), torch.randn(T, H, PE)
+    cos, sin = torch.randn(16, PE // 2), torch.randn(16, PE // 2)
+    pos = torch.randint(0, 16, (T,))
+    q_out = torch.full((T, H, LORA + PE), NAN)
+    before = cache.clone()
+    api.fused_qk_rope_concat_and_cache_mla(q_nope, q_pe, kv_c, k_pe, cache, q_out, slots, None, None, pos, cos, sin,
+                                           True, True, backend="triton")
+    rq, rc = R.fused_qk_rope_concat_and_cache_mla_ref(q_nope, q_pe, kv_c, k_pe, before, q_out, slots, None, None,
+                                                      pos, cos, sin, True, True)
+    assert close(q_out, rq)[0] and close(cache, rc)[0], "fused_qk_rope_concat_and_cache_mla"
+    assert guards_intact(big, 2, 7.0), "fused_qk_rope_concat_and_cache_mla wrote outside the cache"
+    # fused_qk_rope_cat_and_cache_mla (slot = row)
+    KH, D1, D2 = 2, 16, 8
+    rows = cap
+    big, cache = guarded((rows, KH, D1 + D2), fill=7.0, pad=2)
+    cache.copy_(torch.randn(rows, KH, D1 + D2))
+    before = cache.clone()
+    qn, qp = torch.randn(T, 4, D1), torch.randn(T, 4, D2)
+    kn, kp = torch.randn(T, KH, D1), torch.randn(T, KH, D2)
+    q_out, _, k_pe_out, _ = api.fused_qk_rope_cat_and_cache_mla(qn, qp, kn, kp, cache, slots, pos, cos, sin, None,
+                                                                False, backend="triton")
+    rq, rk, rc = R.fused_qk_rope_cat_and_cache_mla_ref(qn, qp, kn, kp, before, slots, pos, cos, sin, None, False)
+    assert close(q_out, rq)[0] and close(k_pe_out, rk)[0] and close(cache, rc)[0], "fused_qk_rope_cat_and_cache_mla"
+    assert guards_intact(big, 2, 7.0), "fused_qk_rope_cat_and_cache_mla wrote outside the cache"
+    print("OK")
+    """)
+
+
+@needs_interpreter
+def test_positions_past_the_rope_table_are_clamped():
+    """Positions past the cos/sin table (and negative ones) use its last (first) row in all three
+    RoPE ops: the rows after the table are NaN, so any read past it would show."""
+    run_case("""
+    LORA, PE, blocks, bs, H = 16, 8, 2, 4, 2
+    rows = 10
+    big_c, cos = guarded((rows, PE // 2)); big_s, sin = guarded((rows, PE // 2))
+    cos.copy_(torch.randn(rows, PE // 2)); sin.copy_(torch.randn(rows, PE // 2))
+    pos = torch.tensor([0, rows - 1, rows, rows + 50, -4, 2**40])
+    T = pos.shape[0]
+    slots = torch.arange(T)
+    cache = torch.zeros(blocks, bs, LORA + PE)
+    q_nope, q_pe = torch.randn(T, H, LORA), torch.randn(T, H, PE)
+    kv_c, k_pe = torch.randn(T, LORA), torch.randn(T, PE)
+    q_out = torch.full((T, H, LORA + PE), NAN)
+    before = cache.clone()
+    api.fused_qk_rope_concat_and_cache_mla(q_nope, q_pe, kv_c, k_pe, cache, q_out, slots, None, None, pos, cos, sin,
+                                           False, True, backend="triton")
+    rq, rc = R.fused_qk_rope_concat_and_cache_mla_ref(q_nope, q_pe, kv_c, k_pe, before, q_out, slots, None, None,
+                                                      pos, cos, sin, False, True)
+    assert torch.isfinite(q_out).all() and torch.isfinite(cache).all(), "read past the table"
+    assert close(q_out, rq)[0] and close(cache, rc)[0]
+    # the clamp rule itself (independent of the reference): position rows + 50 rotates like rows - 1, -4 like 0
+    for t, like in ((3, rows - 1), (4, 0)):
+        explicit = R.rope_ref(q_pe[t:t + 1], cos[like:like + 1], sin[like:like + 1], torch.tensor([0]), False)
+        assert torch.allclose(q_out[t, :, LORA:], explicit[0], atol=1e-5), t
+    qn, qp = torch.randn(T, 4, 16), torch.randn(T, 4, PE)
+    kn, kp = torch.randn(T, 1, 16), torch.randn(T, 1, PE)
+    c2 = torch.zeros(T, 1, 16 + PE)
+    qo, _, kpo, _ = api.fused_qk_rope_cat_and_cache_mla(qn, qp, kn, kp, c2, slots, pos, cos, sin, None, True,
+                                                        backend="triton")
+    rq, rk, rc = R.fused_qk_rope_cat_and_cache_mla_ref(qn, qp, kn, kp, torch.zeros(T, 1, 16 + PE), slots, pos, cos,
+                                                       sin, None, True)
+    assert torch.isfinite(qo).all() and close(qo, rq)[0] and close(kpo, rk)[0] and close(c2, rc)[0]
+    # grouped RoPE decode: positions per sequence, [B, 1] as upstream passes them
+    B, HQ, ROT = 3, 4, 8
+    rope = 11
+    big_cs, cs = guarded((rows, ROT)); cs.copy_(torch.randn(rows, ROT))
+    kb = torch.randn(20, 1, LORA + rope)
+    ind = torch.arange(20, dtype=torch.int32)
+    indptr = torch.tensor([0, 7, 12, 20], dtype=torch.int32)
+    q = torch.randn(B, HQ, LORA + rope)
+    p = torch.tensor([[rows + 3], [-1], [2]])
+    o = torch.full((B, HQ, LORA), NAN); kpe = torch.full((B, rope), NAN)
+    logits = torch.full((B, HQ, 2, LORA + 1), NAN)
+    api.decode_attention_fwd_grouped_rope(q, kb, kb[..., :LORA], o, indptr, ind, kpe, LORA, ROT, cs, p, logits, 2,
+                                          0.3, use_rope=True, is_neox_style=True, backend="triton")
+    ro, rl, rk = R.decode_grouped_rope_ref(q, kb, kb[..., :LORA], indptr, ind, kv_lora_rank=LORA, rotary_dim=ROT,
+                                           sm_scale=0.3, use_rope=True, is_neox_style=True, cos_sin_cache=cs,
+                                           positions=p.reshape(-1))
+    assert torch.isfinite(o).all() and close(o, ro)[0] and close(kpe, rk[:, 0])[0]
+    print("OK")
+    """)
