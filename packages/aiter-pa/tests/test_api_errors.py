@@ -24,7 +24,7 @@ def _decode(**over):
 
 
 def test_block_table_too_short():
-    with pytest.raises(ValueError, match="block_tables is too short"):
+    with pytest.raises(ValueError, match="block_tables is too narrow"):
         _decode(max_seq_len=1000)
 
 

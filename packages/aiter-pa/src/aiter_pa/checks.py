@@ -33,7 +33,17 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
-from aiter_core.checks import check_device, check_dtype, check_float, check_int, check_ndim, check_shape, check_tensor
+from aiter_core.checks import (
+    check_block_table,
+    check_float,
+    check_gqa,
+    check_index_tensor,
+    check_int,
+    check_ndim,
+    check_output,
+    check_per_head_f32,
+    check_tensor,
+)
 from aiter_core.quant import KVQuant
 
 from .layouts import PagedKV, ScaleAddressing, describe_geometry, scale_addressing
@@ -42,7 +52,7 @@ Tensor = torch.Tensor
 
 __all__ = [
     "PagedKey", "PagedCall", "WriteKey", "CacheWrite", "CopyBlocks", "SwapBlocks", "BlockKey",
-    "split_head_dim", "head_dim_supported", "kv_quant_for", "check_query", "check_int_tensor", "workspace_bytes",
+    "split_head_dim", "head_dim_supported", "kv_quant_for", "check_query", "workspace_bytes",
     "FP8_DTYPES", "SUPPORTED_HEAD_DIMS", "MODE_CAST", "MODE_PER_TENSOR", "MODE_PER_TOKEN", "MODE_INT4", "MODE_BLOCK",
     "pa_reshape_and_cache", "pa_reshape_and_cache_pertoken", "pa_reshape_and_cache_block_quant", "pa_swap_blocks",
     "pa_copy_blocks", "paged_attention_decode", "paged_attention_rocm", "paged_attention_v1",
@@ -53,7 +63,6 @@ FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz
                    if hasattr(torch, n))
 QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 OUT_DTYPES = QUERY_DTYPES
-INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_HEAD_DIM = 256
 MAX_SPLIT_HEAD_DIM = 576
 SUPPORTED_HEAD_DIMS = ("q/k head dims 1..256, or a power of two up to 512 plus a power-of-two rest >= 16 "
@@ -212,32 +221,9 @@ def check_query(name: str, q) -> torch.Size:
     raise ValueError(f"{name} head_dim {q.shape[-1]} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
 
 
-def check_int_tensor(name: str, t, dims: int | None = None, device=None) -> Tensor:
-    """An int32 or int64 tensor (block tables, slot mappings), optionally of a rank and on a device."""
-    if not (isinstance(t, Tensor) and t.dtype in INDEX_DTYPES and (dims is None or t.dim() == dims)
-            and (device is None or t.device == device)):
-        check_tensor(name, t, ndim=dims, dtypes=INDEX_DTYPES, device=device)
-    return t
-
-
 def _out(name: str, out, shape, device) -> None:
     if not (isinstance(out, Tensor) and out.shape == shape and out.dtype in OUT_DTYPES and out.device == device):
-        check_tensor(name, out)
-        check_shape(name, out, tuple(shape))
-        check_dtype(name, out, OUT_DTYPES)
-        check_device(name, out, device)
-
-
-def _int(name: str, value, minimum: int | None = None) -> int:
-    if type(value) is int and (minimum is None or value >= minimum):
-        return value
-    return check_int(name, value, minimum=minimum)
-
-
-def _float(name: str, value) -> float:
-    if type(value) is float:
-        return value
-    return check_float(name, value)
+        check_output(name, out, tuple(shape), device=device, dtypes=OUT_DTYPES)
 
 
 def _high_precision(value) -> int:
@@ -246,16 +232,6 @@ def _high_precision(value) -> int:
     if 0 <= value <= 2:
         return value
     raise ValueError(f"high_precision must be 0, 1 or 2, got {value}")
-
-
-def _alibi(alibi, num_heads: int, device) -> None:
-    if alibi is None:
-        return
-    if not isinstance(alibi, Tensor) or alibi.dtype != torch.float32 or tuple(alibi.shape) != (num_heads,):
-        got = f"{alibi.dtype} {tuple(alibi.shape)}" if isinstance(alibi, Tensor) else type(alibi).__name__
-        raise ValueError(f"alibi_slopes must be float32 [num_heads={num_heads}], got {got}")
-    if alibi.device != device:
-        raise ValueError(f"alibi_slopes must be on {device}, got {alibi.device}")
 
 
 def _caches(key_cache, value_cache, layout: str | None, four_d_only: bool = True) -> PagedKV:
@@ -273,26 +249,20 @@ def _heads(num_heads: int, info: PagedKV, num_kv_heads: int | None = None) -> No
     if num_kv_heads is not None and num_kv_heads != info.num_kv_heads:
         raise ValueError(f"num_kv_heads={num_kv_heads} but the caches have {info.num_kv_heads} KV heads")
     if num_heads % info.num_kv_heads:
-        raise ValueError(f"query heads ({num_heads}) must be a multiple of the KV heads ({info.num_kv_heads})")
+        check_gqa(num_heads, info.num_kv_heads)
 
 
 def _block_tables(block_tables, context_lens, max_context_len: int | None, info: PagedKV, device,
                   lens_name: str = "context_lens") -> int:
     """Checks a block table and its context lengths; returns the number of sequences.
     ``max_context_len=None``: the table's width bounds the context (nothing to check)."""
-    check_int_tensor("block_tables", block_tables, 2, device)
-    check_int_tensor(lens_name, context_lens, 1, device)
-    num_seqs, width = block_tables.shape
-    if max_context_len is None:
-        max_context_len = width * info.block_size
-    if len(context_lens) != num_seqs:
-        raise ValueError(f"{lens_name} has {context_lens.shape[0]} entries but block_tables has {num_seqs} rows")
-    need = -(-max_context_len // info.block_size)
-    if width < need:
-        raise ValueError(f"block_tables is too short: max_context_len={max_context_len} with block_size "
-                         f"{info.block_size} needs {need} blocks per sequence, got {width}")
-    if block_tables.stride(1) != 1 and width > 1:
-        raise ValueError("block_tables rows must be contiguous (stride 1 along blocks)")
+    check_index_tensor(lens_name, context_lens, ndim=1, device=device)
+    num_seqs = context_lens.shape[0]
+    check_block_table("block_tables", block_tables, num_seqs=num_seqs,
+                      max_len=block_tables.shape[1] * info.block_size if max_context_len is None else max_context_len,
+                      block_size=info.block_size, device=device)
+    if block_tables.shape[0] != num_seqs:
+        raise ValueError(f"{lens_name} has {num_seqs} entries but block_tables has {block_tables.shape[0]} rows")
     return num_seqs
 
 
@@ -397,13 +367,14 @@ def _decode_front(query_name: str, query, key_cache, value_cache, layout: str | 
     info = _caches(key_cache, value_cache, layout)
     _heads(qshape[1], info, num_kv_heads)
     _out(out_name, out, qshape, device)
-    _alibi(alibi_slopes, qshape[1], device)
+    if alibi_slopes is not None:
+        check_per_head_f32("alibi_slopes", alibi_slopes, qshape[1], device=device)
     return qshape, device, info, _high_precision(high_precision)
 
 
 def _mtp_rows(rows: int, num_seqs: int, mtp) -> int:
     """``mtp`` query rows per sequence: the query has ``num_seqs * mtp`` rows."""
-    mtp = _int("mtp", mtp)
+    mtp = check_int("mtp", mtp)
     if mtp < 1 or rows != num_seqs * mtp:
         raise ValueError(f"query must have num_seqs * mtp = {num_seqs} x {mtp} rows, got {rows}")
     return mtp
@@ -449,7 +420,7 @@ def _cache_setup(key, value, key_cache, value_cache, slot_mapping, asm_layout, k
         raise ValueError(f"asm_layout={asm_layout} but the value cache is in the {info.layout!r} layout "
                          "(asm_layout=True needs V [num_blocks, Hk, block_size/x, D, x])")
     device = key_cache.device
-    check_int_tensor("slot_mapping", slot_mapping, None, device)
+    check_index_tensor("slot_mapping", slot_mapping, device=device)
     T = slot_mapping.numel()
     D = info.cols * 2 if packed else info.cols
     key = _kv_rows("key", key, T, info.num_kv_heads, D, device)
@@ -561,7 +532,7 @@ def pa_reshape_and_cache_block_quant(key: Tensor, value: Tensor, key_cache: Tens
 
 
 def _block_mapping(block_mapping) -> Tensor:
-    check_int_tensor("block_mapping", block_mapping, 2)
+    check_index_tensor("block_mapping", block_mapping, ndim=2)
     if block_mapping.shape[1] != 2:
         raise ValueError(f"block_mapping must be [n, 2], got {tuple(block_mapping.shape)}")
     return block_mapping
@@ -626,7 +597,7 @@ def paged_attention_decode(output: Tensor, query: Tensor, key_cache: Tensor, val
     qshape, device, info, high_precision = _decode_front("query", query, key_cache, value_cache, kv_cache_layout,
                                                          "output", output, high_precision, alibi_slopes)
     rows, Hq, D = qshape
-    max_seq_len = _int("max_seq_len", max_seq_len, 0)
+    max_seq_len = check_int("max_seq_len", max_seq_len, minimum=0)
     num_seqs = _block_tables(block_tables, seq_lens, max_seq_len, info, device, "seq_lens")
     mtp = _mtp_rows(rows, num_seqs, mtp)
     quant, ka, va = kv_quant_for(query.dtype, device, D, key_cache, value_cache, info, k_scale, v_scale,
@@ -643,11 +614,11 @@ def paged_attention_decode(output: Tensor, query: Tensor, key_cache: Tensor, val
         if partial_max.stride() != partial_sum.stride():
             raise ValueError("partial_max and partial_sum must have the same strides")
         partials = (partial_out, partial_max, partial_sum)
-    num_seq_partitions = _int("num_seq_partitions", num_seq_partitions, 0)
-    softcap = _float("logits_soft_cap", logits_soft_cap)
-    window = _int("sliding_window", sliding_window)
+    num_seq_partitions = check_int("num_seq_partitions", num_seq_partitions, minimum=0)
+    softcap = check_float("logits_soft_cap", logits_soft_cap)
+    window = check_int("sliding_window", sliding_window)
     return PagedCall("paged_attention_decode", output, query, key_cache, value_cache, info,
-                     _float("attn_scale", attn_scale), max_seq_len, num_seqs, Hq, block_tables, seq_lens, ka, va,
+                     check_float("attn_scale", attn_scale), max_seq_len, num_seqs, Hq, block_tables, seq_lens, ka, va,
                      _key(device, query.dtype, key_cache.dtype, D, D, quant, high_precision), backend,
                      alibi_slopes, softcap, window, None, mtp,
                      num_partitions=num_seq_partitions or None, partials=partials)
@@ -665,14 +636,14 @@ def paged_attention_rocm(out: Tensor, exp_sums: Tensor, max_logits: Tensor, tmp_
     _cache_rank(key_cache, 5, "paged_attention_rocm needs the vLLM 5-D key cache [nb, Hk, D/x, bs, x]")
     qshape, device, info, high_precision = _decode_front("query", query, key_cache, value_cache, None, "out", out,
                                                          high_precision, alibi_slopes,
-                                                         _int("num_kv_heads", num_kv_heads))
+                                                         check_int("num_kv_heads", num_kv_heads))
     rows, Hq, D = qshape
-    if _int("block_size", block_size) != info.block_size:
+    if check_int("block_size", block_size) != info.block_size:
         raise ValueError(f"block_size={block_size} but the caches have block size {info.block_size}")
-    max_context_len = _int("max_context_len", max_context_len, 0)
+    max_context_len = check_int("max_context_len", max_context_len, minimum=0)
     num_seqs = _block_tables(block_tables, context_lens, max_context_len, info, device)
     mtp = _mtp_rows(rows, num_seqs, mtp)
-    partition_size = _int("partition_size", partition_size)
+    partition_size = check_int("partition_size", partition_size)
     if partition_size < 1:
         raise ValueError(f"partition_size must be positive, got {partition_size}")
     quant, ka, va = kv_quant_for(query.dtype, device, D, key_cache, value_cache, info, k_scale, v_scale,
@@ -694,7 +665,7 @@ def paged_attention_rocm(out: Tensor, exp_sums: Tensor, max_logits: Tensor, tmp_
     partials = None
     if P > 1:
         partials = (tmp_out.view(rows, Hq, P, D), max_logits.view(rows, Hq, P), exp_sums.view(rows, Hq, P))
-    return PagedCall("paged_attention_rocm", out, query, key_cache, value_cache, info, _float("scale", scale),
+    return PagedCall("paged_attention_rocm", out, query, key_cache, value_cache, info, check_float("scale", scale),
                      max_context_len, num_seqs, Hq, block_tables, context_lens, ka, va,
                      _key(device, query.dtype, key_cache.dtype, D, D, quant, high_precision), backend, alibi_slopes,
                      max_qlen=mtp, partition_size=partition_size, partials=partials,
@@ -712,28 +683,28 @@ def paged_attention_v1(out: Tensor, workspace_buffer: Tensor, query: Tensor, key
     qshape, device, info, high_precision = _decode_front("query", query, key_cache, value_cache, kv_cache_layout,
                                                          "out", out, high_precision, alibi_slopes)
     rows, Hq, D = qshape
-    max_context_len = _int("max_context_len", max_context_len, 0)
+    max_context_len = check_int("max_context_len", max_context_len, minimum=0)
     num_seqs = _block_tables(block_tables, context_lens, max_context_len, info, device)
     if cu_query_lens is not None:  # MTP rows per sequence from cu_query_lens: mtp is not used
-        check_int_tensor("cu_query_lens", cu_query_lens, 1, device)
+        check_index_tensor("cu_query_lens", cu_query_lens, ndim=1, device=device)
         if cu_query_lens.shape[0] != num_seqs + 1:
             raise ValueError(f"cu_query_lens must have num_seqs + 1 = {num_seqs + 1} entries, got "
                              f"{cu_query_lens.shape[0]}")
-        mtp = _int("mtp", mtp)
+        mtp = check_int("mtp", mtp)
     else:
         mtp = _mtp_rows(rows, num_seqs, mtp)
-    window = _int("sliding_window", sliding_window)
+    window = check_int("sliding_window", sliding_window)
     if window < 0:
         raise ValueError(f"sliding_window must be >= 0 (0 = off), got {window}")
-    partition_size = _int("partition_size", partition_size, 1)
+    partition_size = check_int("partition_size", partition_size, minimum=1)
     quant, ka, va = kv_quant_for(query.dtype, device, D, key_cache, value_cache, info, k_scale, v_scale,
                                  kv_cache_dtype)
     P = max(1, -(-max_context_len // partition_size))
     workspace = _workspace(workspace_buffer, rows, Hq, P, D, out.dtype) if P > 1 else None
-    return PagedCall("paged_attention_v1", out, query, key_cache, value_cache, info, _float("scale", scale),
+    return PagedCall("paged_attention_v1", out, query, key_cache, value_cache, info, check_float("scale", scale),
                      max_context_len, num_seqs, Hq, block_tables, context_lens, ka, va,
                      _key(device, query.dtype, key_cache.dtype, D, D, quant, high_precision), backend, alibi_slopes,
-                     _float("logits_soft_cap", logits_soft_cap), window, cu_query_lens, mtp,
+                     check_float("logits_soft_cap", logits_soft_cap), window, cu_query_lens, mtp,
                      partition_size=partition_size, num_partitions=P, workspace=workspace)
 
 
@@ -749,27 +720,27 @@ def paged_attention_ragged(out: Tensor, workspace_buffer: Tensor, query: Tensor,
     qshape, device, info, high_precision = _decode_front("query", query, key_cache, value_cache, kv_cache_layout,
                                                          "out", out, high_precision, alibi_slopes)
     rows, Hq, D = qshape
-    if _int("block_size", block_size) != info.block_size:
+    if check_int("block_size", block_size) != info.block_size:
         raise ValueError(f"block_size={block_size} but the caches have block size {info.block_size}")
-    check_int_tensor("kv_indptr", kv_indptr, 1, device)
-    check_int_tensor("kv_page_indices", kv_page_indices, 1, device)
-    check_int_tensor("kv_last_page_lens", kv_last_page_lens, 1, device)
+    check_index_tensor("kv_indptr", kv_indptr, ndim=1, device=device)
+    check_index_tensor("kv_page_indices", kv_page_indices, ndim=1, device=device)
+    check_index_tensor("kv_last_page_lens", kv_last_page_lens, ndim=1, device=device)
     num_seqs = kv_indptr.shape[0] - 1
     if kv_last_page_lens.shape[0] != num_seqs:
         raise ValueError(f"kv_last_page_lens must have {num_seqs} entries (kv_indptr has {num_seqs + 1}), got "
                          f"{kv_last_page_lens.shape[0]}")
     mtp = _mtp_rows(rows, num_seqs, mtp)
-    P = _int("max_num_partitions", max_num_partitions)
+    P = check_int("max_num_partitions", max_num_partitions)
     if P < 1:
         raise ValueError(f"max_num_partitions must be >= 1, got {P}")
-    partition_size = _int("partition_size", partition_size, 1)
+    partition_size = check_int("partition_size", partition_size, minimum=1)
     quant, ka, va = kv_quant_for(query.dtype, device, D, key_cache, value_cache, info, k_scale, v_scale,
                                  kv_cache_dtype)
     workspace = _workspace(workspace_buffer, rows, Hq, P, D, out.dtype) if P > 1 else None
-    return PagedCall("paged_attention_ragged", out, query, key_cache, value_cache, info, _float("scale", scale),
+    return PagedCall("paged_attention_ragged", out, query, key_cache, value_cache, info, check_float("scale", scale),
                      P * partition_size, num_seqs, Hq, kv_page_indices, None, ka, va,
                      _key(device, query.dtype, key_cache.dtype, D, D, quant, high_precision), backend, alibi_slopes,
-                     _float("logits_soft_cap", logits_soft_cap), 0, None, mtp, kv_indptr, kv_last_page_lens,
+                     check_float("logits_soft_cap", logits_soft_cap), 0, None, mtp, kv_indptr, kv_last_page_lens,
                      partition_size=partition_size, num_partitions=P, workspace=workspace)
 
 
@@ -781,13 +752,13 @@ def pa_fwd_asm(out: Tensor, Q: Tensor, K: Tensor, V: Tensor, block_tables: Tenso
     qshape, device, info, high_precision = _decode_front("Q", Q, K, V, None, "out_", out, high_precision, None)
     rows, Hq, D = qshape
     num_seqs = _block_tables(block_tables, context_lens, None, info, device)
-    if _int("block_tables_stride0", block_tables_stride0) != block_tables.stride(0):
+    if check_int("block_tables_stride0", block_tables_stride0) != block_tables.stride(0):
         raise ValueError(f"block_tables_stride0={block_tables_stride0} but block_tables.stride(0) is "
                          f"{block_tables.stride(0)}")
     max_ctx = block_tables.shape[1] * info.block_size
-    max_qlen = _int("max_qlen", max_qlen, 1)
+    max_qlen = check_int("max_qlen", max_qlen, minimum=1)
     if qo_indptr is not None:
-        check_int_tensor("qo_indptr", qo_indptr, 1, device)
+        check_index_tensor("qo_indptr", qo_indptr, ndim=1, device=device)
         if qo_indptr.shape[0] != num_seqs + 1:
             raise ValueError(f"qo_indptr must have num_seqs + 1 = {num_seqs + 1} entries, got {qo_indptr.shape[0]}")
     elif rows != num_seqs * max_qlen:
@@ -829,19 +800,20 @@ def pa_context_attention_fwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, kv_cach
                              kv_cache_layout: Optional[str], backend: Optional[str] = None) -> PagedCall:
     info, Hq, D, Dv, device, quant, ka, va = _prefill_common(q, k, v, o, k_cache, v_cache, kv_cache_layout or "NHD",
                                                              kv_cache_dtype, k_scale, v_scale)
-    check_int_tensor("b_loc", b_loc, 2, device)
-    check_int_tensor("b_start_loc", b_start_loc, 1, device)
-    check_int_tensor("b_seq_len", b_seq_len, 1, device)
+    check_index_tensor("b_loc", b_loc, ndim=2, device=device)
+    check_index_tensor("b_start_loc", b_start_loc, ndim=1, device=device)
+    check_index_tensor("b_seq_len", b_seq_len, ndim=1, device=device)
     B = b_seq_len.shape[0]
     if b_start_loc.shape[0] != B + 1 or b_loc.shape[0] != B:
         raise ValueError(f"b_start_loc must have B+1 = {B + 1} entries and b_loc {B} rows, got "
                          f"{b_start_loc.shape[0]} and {b_loc.shape[0]}")
-    _alibi(alibi_slopes, Hq, device)
-    max_input_len = _int("max_input_len", max_input_len)
+    if alibi_slopes is not None:
+        check_per_head_f32("alibi_slopes", alibi_slopes, Hq, device=device)
+    max_input_len = check_int("max_input_len", max_input_len)
     if max_input_len < 1:
         raise ValueError(f"max_input_len must be >= 1, got {max_input_len}")
     if max_seq_len is not None:
-        max_ctx = _int("max_seq_len", max_seq_len, 0)
+        max_ctx = check_int("max_seq_len", max_seq_len, minimum=0)
         need = -(-max_ctx // info.block_size)
         if b_loc.shape[1] < need:
             raise ValueError(f"b_loc is too short: max_seq_len={max_ctx} needs {need} blocks, got {b_loc.shape[1]}")
@@ -849,8 +821,8 @@ def pa_context_attention_fwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, kv_cach
         max_ctx = b_loc.shape[1] * info.block_size
     if b_loc.shape[1] > 1 and b_loc.stride(1) != 1:
         raise ValueError("b_loc rows must be contiguous (stride 1 along blocks)")
-    window = 0 if sliding_window is None else _int("sliding_window", sliding_window)
-    scale = D ** -0.5 if sm_scale is None else _float("sm_scale", sm_scale)
+    window = 0 if sliding_window is None else check_int("sliding_window", sliding_window)
+    scale = D ** -0.5 if sm_scale is None else check_float("sm_scale", sm_scale)
     cached = b_seq_len - b_start_loc.diff()  # cached tokens per sequence: on the device, no sync
     if cached.dtype != torch.int32:
         cached = cached.to(torch.int32)
@@ -870,13 +842,13 @@ def extend_attention_fwd(q_extend: Tensor, k_extend: Tensor, v_extend: Tensor, o
     kc, vc = k_buffer.unsqueeze(1), v_buffer.unsqueeze(1)  # page size 1, NHD
     info, Hq, D, Dv, device, quant, ka, va = _prefill_common(q_extend, k_extend, v_extend, o_extend, kc, vc, "NHD",
                                                              "auto", None, None)
-    check_int_tensor("qo_indptr", qo_indptr, 1, device)
-    check_int_tensor("kv_indptr", kv_indptr, 1, device)
-    check_int_tensor("kv_indices", kv_indices, 1, device)
+    check_index_tensor("qo_indptr", qo_indptr, ndim=1, device=device)
+    check_index_tensor("kv_indptr", kv_indptr, ndim=1, device=device)
+    check_index_tensor("kv_indices", kv_indices, ndim=1, device=device)
     if qo_indptr.shape[0] != kv_indptr.shape[0]:
         raise ValueError(f"qo_indptr and kv_indptr must both have B+1 entries, got {qo_indptr.shape[0]} and "
                          f"{kv_indptr.shape[0]}")
-    max_len_extend = _int("max_len_extend", max_len_extend)
+    max_len_extend = check_int("max_len_extend", max_len_extend)
     if max_len_extend < 1:
         raise ValueError(f"max_len_extend must be >= 1, got {max_len_extend}")
     mask = None
@@ -887,16 +859,16 @@ def extend_attention_fwd(q_extend: Tensor, k_extend: Tensor, v_extend: Tensor, o
                             f"{tuple(getattr(custom_mask, 'shape', ()))}")
         if custom_mask.device != device:
             raise ValueError(f"custom_mask must be on {device}, got {custom_mask.device}")
-        check_int_tensor("mask_indptr", mask_indptr, 1, device)
+        check_index_tensor("mask_indptr", mask_indptr, ndim=1, device=device)
         if mask_indptr.shape[0] < qo_indptr.shape[0] - 1:
             raise ValueError(f"mask_indptr needs an entry per sequence ({qo_indptr.shape[0] - 1}), got "
                              f"{mask_indptr.shape[0]}")
         mask = custom_mask.contiguous().view(torch.uint8)
-    scale = D ** -0.5 if sm_scale is None else _float("sm_scale", sm_scale)
+    scale = D ** -0.5 if sm_scale is None else check_float("sm_scale", sm_scale)
     return PagedCall("extend_attention_fwd", o_extend, q_extend, kc, vc, info, scale, k_buffer.shape[0],
                      kv_indptr.shape[0] - 1, Hq, kv_indices, None, ka, va,
                      _key(device, q_extend.dtype, kc.dtype, D, Dv, quant, 1), backend, None,
-                     _float("logit_cap", logit_cap), 0, qo_indptr, max_len_extend, kv_indptr, token_lists=True,
+                     check_float("logit_cap", logit_cap), 0, qo_indptr, max_len_extend, kv_indptr, token_lists=True,
                      new_k=k_extend, new_v=v_extend, new_causal=bool(is_causal), num_partitions=1, custom_mask=mask,
                      mask_indptr=mask_indptr, mask_prefix=not skip_prefix_custom_mask)
 
@@ -919,8 +891,8 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, o: Tensor, b_start_loc: T
                       max_input_len: int, is_causal: bool, backend: Optional[str] = None) -> PagedCall:
     qshape = check_query("q", q)
     device = q.device
-    check_int_tensor("b_start_loc", b_start_loc, 1, device)
-    check_int_tensor("b_seq_len", b_seq_len, 1, device)
+    check_index_tensor("b_start_loc", b_start_loc, ndim=1, device=device)
+    check_index_tensor("b_seq_len", b_seq_len, ndim=1, device=device)
     B = b_seq_len.shape[0]
     if b_start_loc.shape[0] != B:
         raise ValueError(f"b_start_loc and b_seq_len must have one entry per sequence, got {b_start_loc.shape[0]} and "
@@ -937,5 +909,5 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, o: Tensor, b_start_loc: T
     bt, ctx = _reused(_no_context, device, B)
     return PagedCall("prefill_attention", o, q, kc, vc, info, D ** -0.5, 0, B, Hq, bt, ctx, ka, va,
                      _key(device, q.dtype, kc.dtype, D, Dv, quant, 1), backend, qo_indptr=qo,
-                     max_qlen=_int("max_input_len", max_input_len, 1), new_k=k, new_v=v, new_causal=bool(is_causal),
+                     max_qlen=check_int("max_input_len", max_input_len, minimum=1), new_k=k, new_v=v, new_causal=bool(is_causal),
                      num_partitions=1)
