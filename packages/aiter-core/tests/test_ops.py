@@ -169,3 +169,60 @@ def test_compile_notice_hooks_chain_and_log(monkeypatch, caplog):
     assert [r.levelname for r in records] == ["WARNING", "INFO"]  # ours twice, the other kernel never
     assert "aiter_demo.triton.kernels.demo_kernel" in records[0].getMessage()
     assert "aiter warmup" in records[0].getMessage()
+
+
+class _MulCall(NamedTuple):
+    x: torch.Tensor
+    factor: float
+    key: _Key
+    backend: Optional[str]
+
+
+def _check_mul(x: torch.Tensor, factor: float = 2.0, backend: Optional[str] = None) -> _MulCall:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    return _MulCall(x, factor, _Key(x.device.type), backend)
+
+
+_MUL_RUNS = []
+
+
+def _mul_impl(call: _MulCall) -> torch.Tensor:
+    _MUL_RUNS.append(call.factor)
+    return call.x * call.factor
+
+
+def _mul_setup(ctx, inputs, output):
+    ctx.factor = inputs[1]
+
+
+def _mul_backward(ctx, grad):
+    return grad * ctx.factor, None, None
+
+
+_registry.register(_registry.BackendSpec(op="test_declared_mul", backend="reference", impl=_mul_impl))
+_MUL = declare_op("test_declared_mul", _check_mul, mutates_args=(), fake=lambda x, factor=2.0, backend=None: x * factor,
+                  returns=torch.Tensor, autograd=(_mul_backward, _mul_setup))
+
+
+def test_autograd_op_eager_paths_match_the_torch_op():
+    x = torch.randn(4, requires_grad=True)
+    eager = _MUL(x, factor=3.0)  # keywords and defaults are completed for autograd.Function.apply
+    eager.sum().backward()
+    grad_eager, x.grad = x.grad.clone(), None
+    torch.ops.aiter.test_declared_mul(x, 3.0).sum().backward()
+    torch.testing.assert_close(grad_eager, x.grad)
+    torch.testing.assert_close(grad_eager, torch.full((4,), 3.0))
+    with torch.no_grad():
+        assert not _MUL(x).requires_grad  # no grad needed: the body itself
+    _MUL_RUNS.clear()
+    _MUL(torch.ones(2))
+    assert _MUL_RUNS == [2.0]
+    for bad in ((torch.ones(2), 1.0, None, "extra"),):
+        with pytest.raises(TypeError):
+            _MUL(*bad)
+    with pytest.raises(TypeError, match="unexpected or repeated keyword argument 'bogus'"):
+        _MUL(x, bogus=1)
+    with pytest.raises(TypeError, match="^x must be a torch.Tensor, got list$"):
+        _MUL([1.0], 2.0)
+    assert "autograd" in repr(_MUL)

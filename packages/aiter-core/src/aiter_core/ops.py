@@ -19,7 +19,7 @@ writes and its fake. The op's body is always ``registry.run(name, check(*args))`
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -87,24 +87,81 @@ class Op:
 
     An eager call outside any tracing skips the torch dispatcher and runs the op's body directly
     (the dispatcher boxes every argument and unboxes it again for a Python kernel: ~10 us for
-    twenty arguments on a slow host, more than the rest of a decode call's host path). Under
-    ``torch.compile``, inside any dispatch mode (FakeTensor, make_fx, functionalization), or for
-    an op with an autograd formula, the call goes through ``torch.ops.aiter.<name>``. Both run the
+    twenty arguments on a slow host, more than the rest of a decode call's host path). For an op
+    with an autograd formula, the dispatcher's generated autograd kernel also re-reads the schema
+    per call (``torch._library.utils.fill_defaults``: ~190 us for 19 arguments on a slow host), so
+    an eager call takes the same formula (``setup_context``, ``backward``) through a plain
+    ``torch.autograd.Function`` when an input requires grad, and the body directly when none does.
+    Under ``torch.compile``, inside any dispatch mode (FakeTensor, make_fx, functionalization) or a
+    functorch transform, every call goes through ``torch.ops.aiter.<name>``. All paths run the
     same validation.
     """
 
-    __slots__ = ("name", "op", "body", "check", "direct")
+    __slots__ = ("name", "op", "body", "check", "_function", "_defaults", "_index", "_tensors")
 
-    def __init__(self, name: str, op: Any, body: Callable, check: Callable, direct: bool):
-        self.name, self.op, self.body, self.check, self.direct = name, op, body, check, direct
+    def __init__(self, name: str, op: Any, body: Callable, check: Callable, signature: inspect.Signature,
+                 autograd: tuple[Callable, Callable] | None = None):
+        self.name, self.op, self.body, self.check = name, op, body, check
+        self._function = None
+        if autograd is None:
+            return
+        params = signature.parameters
+        self._defaults = tuple(p.default for p in params.values())
+        self._index = {pname: i for i, pname in enumerate(params)}
+        self._tensors = tuple(i for i, p in enumerate(params.values())
+                              if p.annotation in (torch.Tensor, Optional[torch.Tensor]))
+        backward, setup_context = autograd
+        from .registry import get_registry
+
+        registry = get_registry()
+
+        def forward(ctx, *inputs):  # inputs: the op's arguments, then their Call
+            output = registry.run(name, inputs[-1])
+            setup_context(ctx, inputs[:-1], output)
+            return output
+
+        def function_backward(ctx, *grads):
+            needs = ctx.needs_input_grad
+            ctx.needs_input_grad = needs[:-1]  # the formula sees the op's inputs only
+            try:
+                return (*backward(ctx, *grads), None)
+            finally:
+                ctx.needs_input_grad = needs
+
+        self._function = type(f"{name}_autograd", (torch.autograd.Function,),
+                              {"forward": staticmethod(forward), "backward": staticmethod(function_backward)})
 
     def __call__(self, *args, **kwargs):
-        if self.direct and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None:
+        if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+                or torch._C._are_functorch_transforms_active()):
+            return self.op(*args, **kwargs)
+        if self._function is None:
             return self.body(*args, **kwargs)
-        return self.op(*args, **kwargs)
+        if kwargs or len(args) < len(self._defaults):
+            args = self._complete(args, kwargs)
+        if torch.is_grad_enabled():
+            for i in self._tensors:
+                a = args[i]
+                if a is not None and getattr(a, "requires_grad", False):  # not a tensor: the check says so
+                    return self._function.apply(*args, self.check(*args))
+        return self.body(*args)
+
+    def _complete(self, args: tuple, kwargs: dict) -> tuple:
+        """Positional arguments with the defaults and keywords filled in (autograd.Function.apply
+        takes positional arguments only)."""
+        full = list(args) + list(self._defaults[len(args):])
+        for key, value in kwargs.items():
+            index = self._index.get(key)
+            if index is None or index < len(args):
+                raise TypeError(f"{self.name}() got an unexpected or repeated keyword argument {key!r}")
+            full[index] = value
+        missing = [key for key, value in zip(self._index, full) if value is inspect.Parameter.empty]
+        if missing:
+            raise TypeError(f"{self.name}() missing required argument(s): {', '.join(missing)}")
+        return tuple(full)
 
     def __repr__(self) -> str:
-        return f"<aiter op {self.name}>"
+        return f"<aiter op {self.name}{' (autograd)' if self._function is not None else ''}>"
 
 
 def declare_op(name: str, check: Callable, *, mutates_args: Iterable[str], fake: Callable | None = None,
@@ -132,4 +189,4 @@ def declare_op(name: str, check: Callable, *, mutates_args: Iterable[str], fake:
     schema = torch.library.infer_schema(body, mutates_args=tuple(mutates_args))
     op = register_op(name, body, mutates_args=mutates_args, fake=fake or _no_outputs, schema=schema,
                      autograd=autograd, tags=tags)
-    return Op(name, op, body, check, direct=autograd is None)
+    return Op(name, op, body, check, signature, autograd)

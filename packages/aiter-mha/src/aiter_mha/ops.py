@@ -19,15 +19,12 @@ launcher and the reference backend all use them, so the three agree by construct
 
 from __future__ import annotations
 
-import inspect
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from aiter_core.ops import Op, declare_op
-from aiter_core.registry import get_registry
+from aiter_core.ops import declare_op
 
 from . import checks
 from .checks import (
@@ -288,76 +285,6 @@ def _varlen_fp8_backward(ctx, dout, _dlse):
     return (dq, dk, dv) + (None,) * 12
 
 
-# -- eager calls of the differentiable ops without the torch dispatcher -------------------------------
-
-
-class TrainingOp:
-    """An op with an autograd formula, called like the torch op.
-
-    ``aiter_core.ops.Op`` sends every call of an op with an autograd formula through the torch
-    dispatcher, whose generated autograd kernel re-reads the op's schema per call
-    (``torch._library.utils.fill_defaults``: ~190 us for 19 arguments on a slow host). Eager calls
-    here take the same formula through a plain ``torch.autograd.Function`` (~25 us) when an input
-    requires grad, and the op's body directly when none does; torch.compile, dispatch modes and
-    functorch transforms still get ``torch.ops.aiter.<name>``. Both run the same check, the same
-    ``setup_context`` and ``backward``. (To move into ``aiter_core.ops.Op``.)
-    """
-
-    __slots__ = ("name", "op", "check", "_defaults", "_index", "_tensors", "_function")
-
-    def __init__(self, op: Op, setup_context, backward):
-        self.name, self.op, self.check = op.name, op, op.check
-        params = inspect.signature(op.check, eval_str=True).parameters
-        self._defaults = tuple(p.default for p in params.values())
-        self._index = {name: i for i, name in enumerate(params)}
-        self._tensors = tuple(i for i, p in enumerate(params.values()) if p.annotation in (Tensor, Optional[Tensor]))
-        registry, name = get_registry(), op.name
-
-        def forward(ctx, *inputs):
-            output = registry.run(name, inputs[-1])
-            setup_context(ctx, inputs[:-1], output)
-            return output
-
-        def function_backward(ctx, *grads):
-            needs = ctx.needs_input_grad
-            ctx.needs_input_grad = needs[:-1]
-            try:
-                return (*backward(ctx, *grads), None)
-            finally:
-                ctx.needs_input_grad = needs
-
-        self._function = type(f"{name}_autograd", (torch.autograd.Function,),
-                              {"forward": staticmethod(forward), "backward": staticmethod(function_backward)})
-
-    def __call__(self, *args, **kwargs):
-        if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-                or torch._C._are_functorch_transforms_active()):
-            return self.op.op(*args, **kwargs)
-        if kwargs or len(args) < len(self._defaults):
-            args = self._complete(args, kwargs)
-        if torch.is_grad_enabled():
-            for i in self._tensors:
-                a = args[i]
-                if a is not None and getattr(a, "requires_grad", False):
-                    return self._function.apply(*args, self.check(*args))
-        return self.op.body(*args)
-
-    def _complete(self, args: tuple, kwargs: dict) -> tuple:
-        full = list(args) + list(self._defaults[len(args):])
-        for name, value in kwargs.items():
-            index = self._index.get(name)
-            if index is None or index < len(args):
-                raise TypeError(f"{self.name}() got an unexpected or repeated keyword argument {name!r}")
-            full[index] = value
-        if any(a is inspect.Parameter.empty for a in full):
-            missing = [n for n, a in zip(self._index, full) if a is inspect.Parameter.empty]
-            raise TypeError(f"{self.name}() missing required argument(s): {', '.join(missing)}")
-        return tuple(full)
-
-    def __repr__(self) -> str:
-        return f"<aiter op {self.name} (autograd)>"
-
-
 # -- the op table ------------------------------------------------------------------------------------
 
 mha_fwd = declare_op("mha_fwd", checks.mha_fwd, mutates_args=("out",), fake=_fake_fwd(checks.mha_fwd), returns=T4)
@@ -367,26 +294,23 @@ mha_bwd = declare_op("mha_bwd", checks.mha_bwd, mutates_args=("dq", "dk", "dv", 
                      returns=T4)
 mha_varlen_bwd = declare_op("mha_varlen_bwd", checks.mha_varlen_bwd, mutates_args=("dq", "dk", "dv", "dbias", "d_sink"),
                             fake=_fake_varlen_bwd, returns=T4)
-flash_attn_func = TrainingOp(declare_op("flash_attn_func", checks.flash_attn_func, mutates_args=(),
-                                        fake=_fake_fwd(checks.flash_attn_func), returns=T4,
-                                        autograd=(_dense_backward, _dense_setup)), _dense_setup, _dense_backward)
-flash_attn_varlen_func = TrainingOp(declare_op("flash_attn_varlen_func", checks.flash_attn_varlen_func, mutates_args=(),
-                                               fake=_fake_fwd(checks.flash_attn_varlen_func), returns=T4,
-                                               autograd=(_varlen_backward, _varlen_setup)),
-                                    _varlen_setup, _varlen_backward)
+flash_attn_func = declare_op("flash_attn_func", checks.flash_attn_func, mutates_args=(),
+                             fake=_fake_fwd(checks.flash_attn_func), returns=T4, autograd=(_dense_backward, _dense_setup))
+flash_attn_varlen_func = declare_op("flash_attn_varlen_func", checks.flash_attn_varlen_func, mutates_args=(),
+                                    fake=_fake_fwd(checks.flash_attn_varlen_func), returns=T4,
+                                    autograd=(_varlen_backward, _varlen_setup))
 flash_attn_fp8_pertensor_func = declare_op("flash_attn_fp8_pertensor_func", checks.flash_attn_fp8_pertensor_func,
                                            mutates_args=(), fake=_fake_fwd(checks.flash_attn_fp8_pertensor_func),
                                            returns=Tensor)
 flash_attn_varlen_fp8_pertensor_func = declare_op(
     "flash_attn_varlen_fp8_pertensor_func", checks.flash_attn_varlen_fp8_pertensor_func, mutates_args=(),
     fake=_fake_fwd(checks.flash_attn_varlen_fp8_pertensor_func), returns=Tensor)
-flash_attn_fp8_func = TrainingOp(declare_op("flash_attn_fp8_func", checks.flash_attn_fp8_func, mutates_args=(),
-                                            fake=_fake_fwd(checks.flash_attn_fp8_func), returns=T2,
-                                            autograd=(_fp8_backward, _fp8_setup)), _fp8_setup, _fp8_backward)
-flash_attn_varlen_fp8_func = TrainingOp(
-    declare_op("flash_attn_varlen_fp8_func", checks.flash_attn_varlen_fp8_func, mutates_args=(),
-               fake=_fake_fwd(checks.flash_attn_varlen_fp8_func), returns=T2,
-               autograd=(_varlen_fp8_backward, _varlen_fp8_setup)), _varlen_fp8_setup, _varlen_fp8_backward)
+flash_attn_fp8_func = declare_op("flash_attn_fp8_func", checks.flash_attn_fp8_func, mutates_args=(),
+                                 fake=_fake_fwd(checks.flash_attn_fp8_func), returns=T2,
+                                 autograd=(_fp8_backward, _fp8_setup))
+flash_attn_varlen_fp8_func = declare_op("flash_attn_varlen_fp8_func", checks.flash_attn_varlen_fp8_func, mutates_args=(),
+                                        fake=_fake_fwd(checks.flash_attn_varlen_fp8_func), returns=T2,
+                                        autograd=(_varlen_fp8_backward, _varlen_fp8_setup))
 flash_attn_with_kvcache = declare_op("flash_attn_with_kvcache", checks.flash_attn_with_kvcache,
                                      mutates_args=("k_cache", "v_cache"), fake=_fake_fwd(checks.flash_attn_with_kvcache),
                                      returns=T2)
