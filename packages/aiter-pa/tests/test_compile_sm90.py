@@ -176,3 +176,73 @@ def test_copy_blocks_kernel_compiles_for_sm90():
     compile_sm90(tc._copy_blocks_kernel, [torch.empty(64, 4096, dtype=torch.bfloat16, device=META),
                                           torch.empty(8, 2, dtype=torch.int64, device=META), 4096, 64],
                  dict(BLOCK=1024))
+
+
+# -- issue 18: what upstream's tests pass (int64 index tensors), and the accepted head dims / dtypes ----
+
+FULL = os.environ.get("AITER_PA_COMPILE_FULL", "0") == "1"
+
+
+def compile_as_launched(fn, args, constexprs, num_warps, num_stages):
+    """:func:`compile_sm90` with the launcher's runtime specialisation: Triton 3.6 turns every int
+    argument equal to 1 into a constexpr (unit strides, one-block tables), as a real launch does."""
+    spec = dict(constexprs)
+    for name, a in zip(fn.arg_names, args):
+        if type(a) is int and a == 1 and name not in spec:
+            spec[name] = 1
+    return compile_sm90(fn, args, spec, num_warps, num_stages)
+
+
+def _upstream_prefill_launch(hkv, window, kv_cache_dtype, index_dtype, d=128, hq=64, dtype=torch.float16):
+    """AITER's test_pa_prefill / test_chunked_pa_prefill::test_contexted_kv_attention: 5-D K cache
+    (x = 8), V [nb, Hk, D, bs], block size 32, int64 block table, start locations and lengths."""
+    nb, bs, B, T = 640, 32, 10, 4000
+    cdt = dtype if kv_cache_dtype == "auto" else FP8
+    kc = torch.empty(nb, hkv, d // 8, bs, 8, dtype=cdt, device=META)
+    vc = torch.empty(nb, hkv, d, bs, dtype=cdt, device=META)
+    q, o = (torch.empty(T, hq, d, dtype=dtype, device=META) for _ in range(2))
+    k, v = (torch.empty(T, hkv, d, dtype=dtype, device=META) for _ in range(2))
+    ix = dict(dtype=index_dtype, device=META)
+    sc = torch.empty((), dtype=torch.float32, device=META)
+    call = checks.pa_context_attention_fwd(q, k, v, o, kv_cache_dtype, kc, vc, torch.empty(B, 64, **ix),
+                                           torch.empty(B + 1, **ix), torch.empty(B, **ix), 1024, sc, sc, None,
+                                           window, None, False, None, None)
+    return prepare_launch(call)
+
+
+_UPSTREAM_PREFILL = [(hkv, w, kv) for hkv in (64, 8, 1) for w in (0, 128) for kv in ("auto", "fp8")]
+
+
+@pytest.mark.parametrize("hkv,window,kv_cache_dtype",
+                         _UPSTREAM_PREFILL if FULL else [(8, 0, "auto"), (64, 128, "fp8"), (1, 128, "auto")])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_upstream_prefill_compiles_for_sm90(hkv, window, kv_cache_dtype, index_dtype):
+    # issue 18: int64 b_start_loc made the new-key loop's bound int64 while its start was int32
+    # ("initial value for `n0` is of type int32, but the then block redefines it as int64")
+    launch = _upstream_prefill_launch(hkv, window, kv_cache_dtype, index_dtype)
+    compile_as_launched(_paged_attn_kernel, launch.args, launch.constexprs, launch.num_warps, launch.num_stages)
+
+
+HEAD_DIMS = (32, 40, 59, 64, 80, 96, 111, 128, 160, 192, 224, 256)
+_DEFAULT_GRID = {(59, torch.float16, "decode"), (111, torch.bfloat16, "prefill"), (160, torch.float32, "decode"),
+                 (224, torch.bfloat16, "decode-fp8"), (40, torch.float16, "prefill"), (256, torch.float16, "extend")}
+
+
+@pytest.mark.parametrize("form", ["decode", "decode-fp8", "prefill", "extend"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_accepted_head_dims_compile_for_sm90(d, dtype, form):
+    """Every head dim the checks accept compiles, per form and dtype (a representative grid by
+    default, the whole product with AITER_PA_COMPILE_FULL=1)."""
+    if not FULL and (d, dtype, form) not in _DEFAULT_GRID:
+        pytest.skip("representative grid (AITER_PA_COMPILE_FULL=1 for all)")
+    assert checks.head_dim_supported(d)
+    if form == "decode":
+        launch = _decode_launch(dtype=dtype, d=d, hq=8, hkv=2, mtp=2, window=64)
+    elif form == "decode-fp8":
+        launch = _decode_launch(dtype=dtype, d=d, hq=8, hkv=2, quant=PT, store=FP8, alibi=True, softcap=20.0)
+    elif form == "prefill":
+        launch = _decode_launch(dtype=dtype, d=d, layout="NHD", prefill=True, mtp=32, hq=8, hkv=2, window=16)
+    else:
+        launch = _decode_launch(dtype=dtype, d=d, layout="NHD", prefill=True, mtp=32, hq=8, hkv=8, bs=1)
+    compile_as_launched(_paged_attn_kernel, launch.args, launch.constexprs, launch.num_warps, launch.num_stages)

@@ -284,24 +284,35 @@ def paged_attention_call_ref(call) -> None:
                               call.v_scale.tensor if call.v_scale is not None else None)
     nb, bs = kd.shape[0], kd.shape[1]
     S = call.num_seqs
+    over = []  # (first row, end row) past max_qlen: flagged NaN, as the kernel does
     if call.qo_indptr is not None:
+        total = call.query.shape[0]
         qo = call.qo_indptr.tolist()
-        starts = qo[:-1]
-        lens = [min(qo[i + 1] - qo[i], call.max_qlen) for i in range(S)]
+        starts, lens = [], []
+        for i in range(S):  # entries clamped into [0, total rows]; an empty range produces nothing
+            a = min(max(qo[i], 0), total)
+            b = min(max(qo[i + 1], a), total)
+            starts.append(a)
+            lens.append(min(b - a, call.max_qlen))
+            if b - a > call.max_qlen:
+                over.append((a + call.max_qlen, b))
     else:
         starts = [i * call.max_qlen for i in range(S)]
         lens = [call.max_qlen] * S
     for s in range(S):
-        if call.kv_indptr is not None:
-            a, b = int(call.kv_indptr[s]), int(call.kv_indptr[s + 1])
+        if call.kv_indptr is not None:  # entries clamped into [0, page-list length]
+            n = call.block_tables.shape[0]
+            a = min(max(int(call.kv_indptr[s]), 0), n)
+            b = min(max(int(call.kv_indptr[s + 1]), a), n)
             pages = call.block_tables[a:b].long().cpu()
             if call.token_lists:
                 ctx = b - a
             else:
-                ctx = (b - a - 1) * bs + int(call.kv_last_page_lens[s]) if b > a else 0
+                last = min(max(int(call.kv_last_page_lens[s]), 0), bs)
+                ctx = (b - a - 1) * bs + last if b > a else 0
         else:
             pages = call.block_tables[s].long().cpu()
-            ctx = min(int(call.context_lens[s]), call.max_context_len)
+            ctx = max(min(int(call.context_lens[s]), call.max_context_len), 0)
         qlen, q0 = lens[s], starts[s]
         if qlen <= 0 or (call.skip_decode and qlen == 1):
             continue
@@ -336,6 +347,8 @@ def paged_attention_call_ref(call) -> None:
                                   alibi_slopes=call.alibi_slopes, softcap=call.softcap,
                                   sliding_window=call.sliding_window, extra_mask=extra, dtype=torch.float32)
         call.out[q0:q0 + qlen] = o.to(call.out.dtype)
+    for a, b in over:
+        call.out[a:b] = float("nan")
 
 
 def kv_cache_write_call_ref(call) -> None:

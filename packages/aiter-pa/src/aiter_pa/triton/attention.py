@@ -54,7 +54,7 @@ def _paged_attn_kernel(
     s_ksblk, s_ksh, s_kstok, s_vsblk, s_vsh, s_vstok,
     s_nkt, s_nkh, s_nkd, s_nvt, s_nvh, s_nvd,
     s_pot, s_poh, s_pop, s_pod, s_pmt, s_pmh, s_pmp,
-    sm_scale, softcap, window, part_tokens, max_qlen,
+    sm_scale, softcap, window, part_tokens, max_qlen, total_q,
     GQA: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
     K_TX: tl.constexpr, K_CX: tl.constexpr, V_TX: tl.constexpr, V_CX: tl.constexpr,
@@ -80,25 +80,31 @@ def _paged_attn_kernel(
     mt = mt % num_m_tiles
 
     # -- sequence geometry ------------------------------------------------------------------------
+    # Index metadata is clamped on the device (int32 from here on, whatever the index dtype): row
+    # offsets into [0, total_q] (the packed query's rows), page offsets into [0, num_logical_blocks]
+    # (the page list's length), lengths into what the tables hold; an empty range produces nothing.
     if QO_MODE == 1:  # query rows from qo_indptr
-        q0 = tl.load(qo_ptr + seq)
-        qlen = tl.minimum(tl.load(qo_ptr + seq + 1) - q0, max_qlen)
+        q0 = tl.minimum(tl.maximum(tl.load(qo_ptr + seq), 0), total_q).to(tl.int32)
+        q1 = tl.minimum(tl.maximum(tl.load(qo_ptr + seq + 1), q0), total_q).to(tl.int32)
+        qlen_all = q1 - q0
+        qlen = tl.minimum(qlen_all, max_qlen)
     else:  # fixed max_qlen rows per sequence
         q0 = seq * max_qlen
         qlen = max_qlen
     if KV_MODE == 1:  # ragged pages: kv_indptr + page indices + last page lengths
-        page0 = tl.load(kv_indptr_ptr + seq)
-        npages = tl.load(kv_indptr_ptr + seq + 1) - page0
-        ctx = tl.where(npages > 0, (npages - 1) * KV_BLOCK + tl.load(last_ptr + seq), 0)
+        page0 = tl.minimum(tl.maximum(tl.load(kv_indptr_ptr + seq), 0), num_logical_blocks).to(tl.int32)
+        npages = tl.minimum(tl.maximum(tl.load(kv_indptr_ptr + seq + 1), page0), num_logical_blocks).to(tl.int32) - page0
+        last = tl.minimum(tl.maximum(tl.load(last_ptr + seq), 0), KV_BLOCK).to(tl.int32)
+        ctx = tl.where(npages > 0, (npages - 1) * KV_BLOCK + last, 0)
         bt_row = bt_ptr + page0
         nlog = npages
     elif KV_MODE == 2:  # page size 1 token lists: kv_indptr + token indices
-        page0 = tl.load(kv_indptr_ptr + seq)
-        ctx = tl.load(kv_indptr_ptr + seq + 1) - page0
+        page0 = tl.minimum(tl.maximum(tl.load(kv_indptr_ptr + seq), 0), num_logical_blocks).to(tl.int32)
+        ctx = tl.minimum(tl.maximum(tl.load(kv_indptr_ptr + seq + 1), page0), num_logical_blocks).to(tl.int32) - page0
         bt_row = bt_ptr + page0
         nlog = ctx
     else:
-        ctx = tl.minimum(tl.load(ctx_ptr + seq), max_ctx)
+        ctx = tl.minimum(tl.maximum(tl.load(ctx_ptr + seq), 0), max_ctx).to(tl.int32)
         bt_row = bt_ptr + seq.to(tl.int64) * s_bt
         nlog = num_logical_blocks
 
@@ -348,3 +354,23 @@ def _paged_attn_kernel(
         o = o * v_scalar
         tl.store(out_ptr + q_rows[:, None] * s_ot + head[:, None] * s_oh + offs_dv[None, :] * s_od,
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+    if QO_MODE == 1:
+        # rows past max_qlen (a too-small max_input_len / max_len_extend / mtp): flagged NaN, never
+        # left unwritten (the last row tile of the sequence writes them)
+        if mt == num_m_tiles - 1:
+            for r0 in range(max_qlen * GQA, qlen_all * GQA, BLOCK_M):
+                r = r0 + tl.arange(0, BLOCK_M)
+                x_rows = (q0 + r // GQA).to(tl.int64)
+                x_head = kvh * GQA + r % GQA
+                x_ok = r < qlen_all * GQA
+                nan = tl.full([BLOCK_M, BLOCK_DV], float("nan"), tl.float32)
+                if SPLIT:
+                    tl.store(po_ptr + x_rows[:, None] * s_pot + x_head[:, None] * s_poh + part * s_pop
+                             + offs_dv[None, :] * s_pod, nan.to(po_ptr.dtype.element_ty),
+                             mask=x_ok[:, None] & dv_ok[None, :])
+                    xm = x_rows * s_pmt + x_head * s_pmh + part * s_pmp
+                    tl.store(pmax_ptr + xm, tl.zeros([BLOCK_M], tl.float32), mask=x_ok)
+                    tl.store(psum_ptr + xm, tl.full([BLOCK_M], 1.0, tl.float32), mask=x_ok)
+                else:
+                    tl.store(out_ptr + x_rows[:, None] * s_ot + x_head[:, None] * s_oh + offs_dv[None, :] * s_od,
+                             nan.to(out_ptr.dtype.element_ty), mask=x_ok[:, None] & dv_ok[None, :])

@@ -270,6 +270,8 @@ def _plan(call: PagedCall, config: KernelConfig | None) -> tuple:
     bt = call.block_tables
     if bt is not None and not ragged:
         s_bt, nlog = bt.stride(0), bt.shape[1]
+    elif ragged:  # the page list's length: kv_indptr entries are clamped to it
+        s_bt, nlog = 0, bt.shape[0]
     else:
         s_bt = nlog = 0
     qo, ctx, last = call.qo_indptr, call.context_lens, call.kv_last_page_lens
@@ -289,7 +291,7 @@ def _plan(call: PagedCall, config: KernelConfig | None) -> tuple:
         mask if mask is not None else dummy, mask_indptr if mask_indptr is not None else dummy, po, pmax, psum,
         *query.stride(), *out.stride(), s_bt, nlog, info.num_blocks, max(max_ctx, 0),
         k.s_blk, k.s_head, v.s_blk, v.s_head, *ks_s, *vs_s, *nk_s, *nv_s, *po_s, *pm_s,
-        float(call.scale), float(softcap) if softcap else 1.0, window, part_tokens, max_qlen,
+        float(call.scale), float(softcap) if softcap else 1.0, window, part_tokens, max_qlen, query.shape[0],
     ]
     return ((call.num_seqs, Hk, m_tiles * P), args, constexprs, cfg.num_warps, cfg.num_stages,
             (po, pmax, psum) if split else None)
