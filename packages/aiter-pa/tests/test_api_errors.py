@@ -291,3 +291,37 @@ def test_launch_config_override(monkeypatch):
     monkeypatch.setenv("AITER_PAGED_ATTENTION_DECODE_CONFIG", "block_n=32")
     with pytest.raises(ValueError, match="unknown field"):
         prepare_launch(call)
+
+
+FNUZ = getattr(torch, "float8_e4m3fnuz", None)
+
+
+@pytest.mark.skipif(FNUZ is None, reason="no float8_e4m3fnuz in this torch")
+def test_fnuz_cache_refused_where_the_gpu_lacks_it(monkeypatch):
+    """Issue 18: a float8_e4m3fnuz KV cache on an NVIDIA GPU is refused up front with the fp8 types it
+    supports (not a CompilationError at launch), by every op taking an 8-bit cache. The CPU stands in
+    for an NVIDIA device through supported_fp8_dtypes."""
+    from aiter_pa import checks
+
+    assert checks.supported_fp8_dtypes(torch.device("cpu")) == checks.FP8_DTYPES  # the interpreter runs all
+    monkeypatch.setattr(checks, "supported_fp8_dtypes", lambda device: checks.NVIDIA_FP8_DTYPES)
+    kv = make_paged_kv([20, 9], 2, 32, 16, "HND", KVQuant.PER_TENSOR_8BIT, torch.float32, FP8, seed=2)
+    kc, vc = kv.key_cache.view(torch.uint8).view(FNUZ), kv.value_cache.view(torch.uint8).view(FNUZ)
+    match = "key_cache is float8_e4m3fnuz, which this GPU does not support; supported fp8 cache dtypes: float8_e4m3fn"
+    with pytest.raises(TypeError, match=match):
+        _decode(key_cache=kc, value_cache=vc, k_scale=kv.k_scale, v_scale=kv.v_scale)
+    with pytest.raises(TypeError, match=match):
+        aiter_pa.paged_attention_v1(torch.empty(2, 4, 32), torch.empty(0, dtype=torch.uint8), torch.randn(2, 4, 32),
+                                    kc, vc, 0.1, kv.block_tables, None, kv.context_lens, 20, None, "fp8", "HND", 0.0,
+                                    kv.k_scale, kv.v_scale, None, 64)
+    rows = torch.randn(3, 2, 32)
+    for fn, extra in ((aiter_pa.reshape_and_cache_flash, ("fp8", kv.k_scale, kv.v_scale)),):
+        with pytest.raises(TypeError, match=match):
+            fn(rows, rows, kc.permute(0, 2, 1, 3), vc.permute(0, 2, 1, 3), torch.arange(3), *extra)
+
+
+def test_strided_index_vectors_refused():
+    kv = make_paged_kv([20, 9], 2, 32, 16, "HND", KVQuant.NONE, torch.float32, seed=1)
+    strided = torch.stack([kv.context_lens, kv.context_lens], 1)[:, 0]
+    with pytest.raises(ValueError, match="seq_lens must be contiguous"):
+        _decode(seq_lens=strided)

@@ -53,7 +53,8 @@ Tensor = torch.Tensor
 __all__ = [
     "PagedKey", "PagedCall", "WriteKey", "CacheWrite", "CopyBlocks", "SwapBlocks", "BlockKey",
     "split_head_dim", "head_dim_supported", "kv_quant_for", "check_query", "workspace_bytes",
-    "FP8_DTYPES", "SUPPORTED_HEAD_DIMS", "MODE_CAST", "MODE_PER_TENSOR", "MODE_PER_TOKEN", "MODE_INT4", "MODE_BLOCK",
+    "FP8_DTYPES", "NVIDIA_FP8_DTYPES", "supported_fp8_dtypes", "check_fp8_cache", "SUPPORTED_HEAD_DIMS",
+    "MODE_CAST", "MODE_PER_TENSOR", "MODE_PER_TOKEN", "MODE_INT4", "MODE_BLOCK",
     "pa_reshape_and_cache", "pa_reshape_and_cache_pertoken", "pa_reshape_and_cache_block_quant", "pa_swap_blocks",
     "pa_copy_blocks", "paged_attention_decode", "paged_attention_rocm", "paged_attention_v1",
     "paged_attention_ragged", "pa_fwd_asm", "pa_context_attention_fwd", "extend_attention_fwd", "prefill_attention",
@@ -221,6 +222,15 @@ def check_query(name: str, q) -> torch.Size:
     raise ValueError(f"{name} head_dim {q.shape[-1]} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
 
 
+def _index_vector(name: str, t, device) -> Tensor:
+    """A 1-D int32/int64 index vector on ``device`` with unit stride (the kernels read it so)."""
+    if not (isinstance(t, Tensor) and t.dtype in (torch.int32, torch.int64) and t.dim() == 1 and t.device == device
+            and (t.stride(0) == 1 or t.shape[0] <= 1)):
+        check_index_tensor(name, t, ndim=1, device=device)
+        raise ValueError(f"{name} must be contiguous (stride 1), got stride {t.stride(0)}")
+    return t
+
+
 def _out(name: str, out, shape, device) -> None:
     if not (isinstance(out, Tensor) and out.shape == shape and out.dtype in OUT_DTYPES and out.device == device):
         check_output(name, out, tuple(shape), device=device, dtypes=OUT_DTYPES)
@@ -256,7 +266,7 @@ def _block_tables(block_tables, context_lens, max_context_len: int | None, info:
                   lens_name: str = "context_lens") -> int:
     """Checks a block table and its context lengths; returns the number of sequences.
     ``max_context_len=None``: the table's width bounds the context (nothing to check)."""
-    check_index_tensor(lens_name, context_lens, ndim=1, device=device)
+    _index_vector(lens_name, context_lens, device)
     num_seqs = context_lens.shape[0]
     check_block_table("block_tables", block_tables, num_seqs=num_seqs,
                       max_len=block_tables.shape[1] * info.block_size if max_context_len is None else max_context_len,
@@ -268,6 +278,31 @@ def _block_tables(block_tables, context_lens, max_context_len: int | None, info:
 
 _FP8_NAMES = ("fp8", "fp8_e4m3", "fp8e4m3", "fp8_e5m2", "float8_e4m3fn", "float8_e4m3fnuz")
 _16BIT_NAMES = ("bf16", "fp16", "half", "bfloat16", "float16", "float32", "fp32")
+
+
+NVIDIA_FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+@lru_cache(maxsize=16)
+def supported_fp8_dtypes(device: torch.device) -> tuple:
+    """The fp8 storage dtypes the kernels compile for on ``device``: on NVIDIA GPUs the OCP types
+    (float8_e4m3fn, float8_e5m2; the fnuz types are AMD's), elsewhere (ROCm, the CPU interpreter,
+    meta tensors) every float8 dtype."""
+    if device.type == "cuda":
+        from aiter_core.arch import get_arch_info
+
+        if get_arch_info().vendor == "cuda":
+            return NVIDIA_FP8_DTYPES
+    return FP8_DTYPES
+
+
+def check_fp8_cache(name: str, dtype: torch.dtype, device: torch.device) -> None:
+    """An fp8 cache dtype this device's kernels can compile (float8_e4m3fnuz on an NVIDIA GPU is refused
+    up front, not a CompilationError at launch)."""
+    if dtype in FP8_DTYPES and dtype not in supported_fp8_dtypes(device):
+        names = ", ".join(str(d).replace("torch.", "") for d in supported_fp8_dtypes(device))
+        raise TypeError(f"{name} is {str(dtype).replace('torch.', '')}, which this GPU does not support; "
+                        f"supported fp8 cache dtypes: {names} (the fnuz types are AMD's)")
 
 
 def kv_quant_for(query_dtype: torch.dtype, device, head_dim: int, key_cache: Tensor, value_cache: Tensor,
@@ -308,6 +343,7 @@ def kv_quant_for(query_dtype: torch.dtype, device, head_dim: int, key_cache: Ten
     else:
         if dt not in FP8_DTYPES + (torch.int8,):
             raise TypeError(f"8-bit caches must be int8 or float8, got {dt}")
+        check_fp8_cache("key_cache", dt, device)
         if info.cols != head_dim:
             raise ValueError(f"cache head_dim {info.cols} does not match the query's head_dim {head_dim}")
         if quant is not None:
@@ -420,12 +456,16 @@ def _cache_setup(key, value, key_cache, value_cache, slot_mapping, asm_layout, k
         raise ValueError(f"asm_layout={asm_layout} but the value cache is in the {info.layout!r} layout "
                          "(asm_layout=True needs V [num_blocks, Hk, block_size/x, D, x])")
     device = key_cache.device
+    check_fp8_cache("key_cache", key_cache.dtype, device)
+    check_fp8_cache("value_cache", value_cache.dtype, device)
     check_index_tensor("slot_mapping", slot_mapping, device=device)
     T = slot_mapping.numel()
     D = info.cols * 2 if packed else info.cols
     key = _kv_rows("key", key, T, info.num_kv_heads, D, device)
     value = _kv_rows("value", value, T, info.num_kv_heads, D, device)
     slots = slot_mapping if slot_mapping.dim() == 1 else slot_mapping.reshape(-1)
+    if slots.stride(0) != 1 and T > 1:
+        raise ValueError(f"slot_mapping must be contiguous (stride 1), got strides {tuple(slot_mapping.stride())}")
     return info, key, value, slots, device
 
 
@@ -686,7 +726,7 @@ def paged_attention_v1(out: Tensor, workspace_buffer: Tensor, query: Tensor, key
     max_context_len = check_int("max_context_len", max_context_len, minimum=0)
     num_seqs = _block_tables(block_tables, context_lens, max_context_len, info, device)
     if cu_query_lens is not None:  # MTP rows per sequence from cu_query_lens: mtp is not used
-        check_index_tensor("cu_query_lens", cu_query_lens, ndim=1, device=device)
+        _index_vector("cu_query_lens", cu_query_lens, device)
         if cu_query_lens.shape[0] != num_seqs + 1:
             raise ValueError(f"cu_query_lens must have num_seqs + 1 = {num_seqs + 1} entries, got "
                              f"{cu_query_lens.shape[0]}")
@@ -722,9 +762,9 @@ def paged_attention_ragged(out: Tensor, workspace_buffer: Tensor, query: Tensor,
     rows, Hq, D = qshape
     if check_int("block_size", block_size) != info.block_size:
         raise ValueError(f"block_size={block_size} but the caches have block size {info.block_size}")
-    check_index_tensor("kv_indptr", kv_indptr, ndim=1, device=device)
-    check_index_tensor("kv_page_indices", kv_page_indices, ndim=1, device=device)
-    check_index_tensor("kv_last_page_lens", kv_last_page_lens, ndim=1, device=device)
+    _index_vector("kv_indptr", kv_indptr, device)
+    _index_vector("kv_page_indices", kv_page_indices, device)
+    _index_vector("kv_last_page_lens", kv_last_page_lens, device)
     num_seqs = kv_indptr.shape[0] - 1
     if kv_last_page_lens.shape[0] != num_seqs:
         raise ValueError(f"kv_last_page_lens must have {num_seqs} entries (kv_indptr has {num_seqs + 1}), got "
@@ -758,7 +798,7 @@ def pa_fwd_asm(out: Tensor, Q: Tensor, K: Tensor, V: Tensor, block_tables: Tenso
     max_ctx = block_tables.shape[1] * info.block_size
     max_qlen = check_int("max_qlen", max_qlen, minimum=1)
     if qo_indptr is not None:
-        check_index_tensor("qo_indptr", qo_indptr, ndim=1, device=device)
+        _index_vector("qo_indptr", qo_indptr, device)
         if qo_indptr.shape[0] != num_seqs + 1:
             raise ValueError(f"qo_indptr must have num_seqs + 1 = {num_seqs + 1} entries, got {qo_indptr.shape[0]}")
     elif rows != num_seqs * max_qlen:
@@ -801,8 +841,8 @@ def pa_context_attention_fwd(q: Tensor, k: Tensor, v: Tensor, o: Tensor, kv_cach
     info, Hq, D, Dv, device, quant, ka, va = _prefill_common(q, k, v, o, k_cache, v_cache, kv_cache_layout or "NHD",
                                                              kv_cache_dtype, k_scale, v_scale)
     check_index_tensor("b_loc", b_loc, ndim=2, device=device)
-    check_index_tensor("b_start_loc", b_start_loc, ndim=1, device=device)
-    check_index_tensor("b_seq_len", b_seq_len, ndim=1, device=device)
+    _index_vector("b_start_loc", b_start_loc, device)
+    _index_vector("b_seq_len", b_seq_len, device)
     B = b_seq_len.shape[0]
     if b_start_loc.shape[0] != B + 1 or b_loc.shape[0] != B:
         raise ValueError(f"b_start_loc must have B+1 = {B + 1} entries and b_loc {B} rows, got "
@@ -842,9 +882,9 @@ def extend_attention_fwd(q_extend: Tensor, k_extend: Tensor, v_extend: Tensor, o
     kc, vc = k_buffer.unsqueeze(1), v_buffer.unsqueeze(1)  # page size 1, NHD
     info, Hq, D, Dv, device, quant, ka, va = _prefill_common(q_extend, k_extend, v_extend, o_extend, kc, vc, "NHD",
                                                              "auto", None, None)
-    check_index_tensor("qo_indptr", qo_indptr, ndim=1, device=device)
-    check_index_tensor("kv_indptr", kv_indptr, ndim=1, device=device)
-    check_index_tensor("kv_indices", kv_indices, ndim=1, device=device)
+    _index_vector("qo_indptr", qo_indptr, device)
+    _index_vector("kv_indptr", kv_indptr, device)
+    _index_vector("kv_indices", kv_indices, device)
     if qo_indptr.shape[0] != kv_indptr.shape[0]:
         raise ValueError(f"qo_indptr and kv_indptr must both have B+1 entries, got {qo_indptr.shape[0]} and "
                          f"{kv_indptr.shape[0]}")
@@ -859,7 +899,7 @@ def extend_attention_fwd(q_extend: Tensor, k_extend: Tensor, v_extend: Tensor, o
                             f"{tuple(getattr(custom_mask, 'shape', ()))}")
         if custom_mask.device != device:
             raise ValueError(f"custom_mask must be on {device}, got {custom_mask.device}")
-        check_index_tensor("mask_indptr", mask_indptr, ndim=1, device=device)
+        _index_vector("mask_indptr", mask_indptr, device)
         if mask_indptr.shape[0] < qo_indptr.shape[0] - 1:
             raise ValueError(f"mask_indptr needs an entry per sequence ({qo_indptr.shape[0] - 1}), got "
                              f"{mask_indptr.shape[0]}")
@@ -891,8 +931,8 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, o: Tensor, b_start_loc: T
                       max_input_len: int, is_causal: bool, backend: Optional[str] = None) -> PagedCall:
     qshape = check_query("q", q)
     device = q.device
-    check_index_tensor("b_start_loc", b_start_loc, ndim=1, device=device)
-    check_index_tensor("b_seq_len", b_seq_len, ndim=1, device=device)
+    _index_vector("b_start_loc", b_start_loc, device)
+    _index_vector("b_seq_len", b_seq_len, device)
     B = b_seq_len.shape[0]
     if b_start_loc.shape[0] != B:
         raise ValueError(f"b_start_loc and b_seq_len must have one entry per sequence, got {b_start_loc.shape[0]} and "

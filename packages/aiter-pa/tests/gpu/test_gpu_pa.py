@@ -484,3 +484,50 @@ def test_decode_on_a_pool_past_2_31_elements(layout, quant, store):
         _close(out, _ref(q, kv, ctx, d ** -0.5), dtype, f"partitions={parts}")
     del k, v
     torch.cuda.empty_cache()
+
+
+# -- issues 11 / 18 on the GPU -------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fnuz") or torch.version.hip is not None, reason="NVIDIA only")
+def test_fnuz_cache_refused_on_nvidia():
+    """Issue 18 (upstream test_pa_decode::test_paged_attn with a float8_e4m3fnuz cache): refused up
+    front naming the supported types, not a CompilationError."""
+    kv = make_paged_kv([20, 9], 2, 64, 16, "HND", PTEN, torch.bfloat16, FP8, seed=3, device=DEV)
+    fnuz = torch.float8_e4m3fnuz
+    with pytest.raises(TypeError, match="float8_e4m3fnuz, which this GPU does not support.*float8_e4m3fn, float8_e5m2"):
+        aiter_pa.paged_attention_decode(torch.empty(2, 8, 64, dtype=torch.bfloat16, device=DEV),
+                                        torch.randn(2, 8, 64, dtype=torch.bfloat16, device=DEV),
+                                        kv.key_cache.view(fnuz), kv.value_cache.view(fnuz), kv.context_lens,
+                                        kv.block_tables, 0.1, 20, None, kv.k_scale, kv.v_scale)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+@pytest.mark.parametrize("window", [0, 128])
+def test_prefill_int64_indices(kv_cache_dtype, window):
+    """Issue 18 (upstream test_pa_prefill / test_contexted_kv_attention): int64 b_loc / b_start_loc /
+    b_seq_len, 5-D K cache with x = 8, block size 32, 64 query heads over 8 KV heads, head dim 128."""
+    torch.manual_seed(0)
+    B, bs, hq, hkv, d, nb = 3, 32, 64, 8, 128, 64
+    qlens, ctxs = [40, 17, 64], [50, 96, 33]
+    dt = torch.float16
+    cdt = dt if kv_cache_dtype == "auto" else FP8
+    T = sum(qlens)
+    kc5 = (torch.randn(nb, bs, hkv, d, device=DEV) * 0.5).to(cdt)
+    vc5 = (torch.randn(nb, bs, hkv, d, device=DEV) * 0.5).to(cdt)
+    k_cache = kc5.view(nb, bs, hkv, d // 8, 8).permute(0, 2, 3, 1, 4).contiguous()
+    v_cache = vc5.permute(0, 2, 3, 1).contiguous()
+    q = torch.randn(T, hq, d, dtype=dt, device=DEV)
+    k = torch.randn(T, hkv, d, dtype=dt, device=DEV)
+    v = torch.randn(T, hkv, d, dtype=dt, device=DEV)
+    o = torch.full_like(q, float("nan"))
+    b_loc = torch.randperm(nb, device=DEV)[:B * 8].view(B, 8).long()
+    b_start_loc = torch.tensor([0] + qlens, device=DEV).cumsum(0)
+    b_seq_len = torch.tensor([a + b for a, b in zip(qlens, ctxs)], device=DEV)
+    one = torch.tensor(1.0, device=DEV)
+    aiter_pa.context_attention_fwd(q, k, v, o, kv_cache_dtype, k_cache, v_cache, b_loc, b_start_loc, b_seq_len, 64,
+                                   one, one, sliding_window=window)
+    ref = torch.full_like(q, float("nan"))
+    aiter_pa.context_attention_fwd(q, k, v, ref, kv_cache_dtype, k_cache, v_cache, b_loc, b_start_loc, b_seq_len, 64,
+                                   one, one, sliding_window=window, backend="reference")
+    _close(o, ref, dt)
