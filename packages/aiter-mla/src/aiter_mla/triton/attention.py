@@ -86,8 +86,9 @@ def _kv_tile(KV, stride_kv_page, stride_kv_tok, table, num_pages_seq, num_pages_
 def _attend_step(q_nope, q_rope, k_nope, k_rope, page, in_page, n_ok, offs_n, diag, m_i, l_i, acc,
                  V, stride_v_page, stride_v_tok, offs_dv, dv_ok, kv_len, qk_scale_log2, softcap, last_pe,
                  SEPARATE_V: tl.constexpr, CAUSAL: tl.constexpr, COMPUTE: tl.constexpr, SOFTCAP: tl.constexpr,
-                 LAST_ROPE: tl.constexpr):
-    """One KV tile of the online softmax: returns the updated (m_i, l_i, acc)."""
+                 LAST_ROPE: tl.constexpr, CLEAN_V: tl.constexpr = False):
+    """One KV tile of the online softmax: returns the updated (m_i, l_i, acc). ``CLEAN_V``: the
+    tile may hold causally masked keys (see :func:`_mla_tile`)."""
     k_nope = _upcast(k_nope, COMPUTE)
     k_rope = _upcast(k_rope, COMPUTE)
     if LAST_ROPE:
@@ -109,6 +110,11 @@ def _attend_step(q_nope, q_rope, k_nope, k_rope, page, in_page, n_ok, offs_n, di
         v = _upcast(v, COMPUTE)
     else:
         v = k_nope  # absorbed MLA: V is the first D_V (= D_NOPE) values of the K row
+        if CLEAN_V:
+            # a masked key's non-finite latent row must not reach the rows that do not see it
+            # (p = 0 there, but 0 x NaN = NaN); the rows that see it are NaN already through
+            # q.k (the same row is the key), so zeroing it changes no finite result
+            v = tl.where(v - v == 0, v, 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return m_i, l_i, acc
 
@@ -164,6 +170,14 @@ def _mla_tile(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     offs_n0 = tl.arange(0, BLOCK_N)
+    # NaN rule: the tiles from the first one holding a key that the tile's first row cannot see
+    # run with V's non-finite values zeroed (absorbed MLA only; see _attend_step); the tiles
+    # before run unchanged
+    CLEAN_TAIL: tl.constexpr = CAUSAL and not SEPARATE_V
+    kv_clean = kv_hi
+    if CLEAN_TAIL:
+        first_masked = kv_len - qlen + q_pos0 + 1  # keys >= this are masked for row 0
+        kv_clean = tl.minimum(tl.maximum(kv_lo + tl.maximum(first_masked - kv_lo, 0) // BLOCK_N * BLOCK_N, kv_lo), kv_hi)
     if PREFETCH:
         # register double buffering: the next tile's loads are issued before this tile's math,
         # so they are in flight while the tensor cores work (Triton's own pipeliner keeps a
@@ -171,7 +185,7 @@ def _mla_tile(
         nx_nope, nx_rope, nx_page, nx_in_page, nx_ok = _kv_tile(
             KV, stride_kv_page, stride_kv_tok, table, num_pages_seq, num_pages_total, kv_lo + offs_n0, kv_hi,
             offs_dn, offs_dr, dn_ok, dr_ok, D_NOPE, PAGE_SIZE, OFFSET_BITS)
-        for start in range(kv_lo, kv_hi, BLOCK_N):
+        for start in range(kv_lo, kv_clean, BLOCK_N):
             k_nope, k_rope, page, in_page, n_ok = nx_nope, nx_rope, nx_page, nx_in_page, nx_ok
             nx_nope, nx_rope, nx_page, nx_in_page, nx_ok = _kv_tile(
                 KV, stride_kv_page, stride_kv_tok, table, num_pages_seq, num_pages_total, start + BLOCK_N + offs_n0,
@@ -180,8 +194,18 @@ def _mla_tile(
                 q_nope, q_rope, k_nope, k_rope, page, in_page, n_ok, start + offs_n0, diag, m_i, l_i, acc,
                 V, stride_v_page, stride_v_tok, offs_dv, dv_ok, kv_len, qk_scale_log2, softcap, last_pe,
                 SEPARATE_V, CAUSAL, COMPUTE, SOFTCAP, LAST_ROPE)
+        if CLEAN_TAIL:
+            for start in range(kv_clean, kv_hi, BLOCK_N):
+                k_nope, k_rope, page, in_page, n_ok = nx_nope, nx_rope, nx_page, nx_in_page, nx_ok
+                nx_nope, nx_rope, nx_page, nx_in_page, nx_ok = _kv_tile(
+                    KV, stride_kv_page, stride_kv_tok, table, num_pages_seq, num_pages_total,
+                    start + BLOCK_N + offs_n0, kv_hi, offs_dn, offs_dr, dn_ok, dr_ok, D_NOPE, PAGE_SIZE, OFFSET_BITS)
+                m_i, l_i, acc = _attend_step(
+                    q_nope, q_rope, k_nope, k_rope, page, in_page, n_ok, start + offs_n0, diag, m_i, l_i, acc,
+                    V, stride_v_page, stride_v_tok, offs_dv, dv_ok, kv_len, qk_scale_log2, softcap, last_pe,
+                    SEPARATE_V, CAUSAL, COMPUTE, SOFTCAP, LAST_ROPE, True)
     else:
-        for start in range(kv_lo, kv_hi, BLOCK_N):
+        for start in range(kv_lo, kv_clean, BLOCK_N):
             k_nope, k_rope, page, in_page, n_ok = _kv_tile(
                 KV, stride_kv_page, stride_kv_tok, table, num_pages_seq, num_pages_total, start + offs_n0, kv_hi,
                 offs_dn, offs_dr, dn_ok, dr_ok, D_NOPE, PAGE_SIZE, OFFSET_BITS)
@@ -189,6 +213,15 @@ def _mla_tile(
                 q_nope, q_rope, k_nope, k_rope, page, in_page, n_ok, start + offs_n0, diag, m_i, l_i, acc,
                 V, stride_v_page, stride_v_tok, offs_dv, dv_ok, kv_len, qk_scale_log2, softcap, last_pe,
                 SEPARATE_V, CAUSAL, COMPUTE, SOFTCAP, LAST_ROPE)
+        if CLEAN_TAIL:
+            for start in range(kv_clean, kv_hi, BLOCK_N):
+                k_nope, k_rope, page, in_page, n_ok = _kv_tile(
+                    KV, stride_kv_page, stride_kv_tok, table, num_pages_seq, num_pages_total, start + offs_n0, kv_hi,
+                    offs_dn, offs_dr, dn_ok, dr_ok, D_NOPE, PAGE_SIZE, OFFSET_BITS)
+                m_i, l_i, acc = _attend_step(
+                    q_nope, q_rope, k_nope, k_rope, page, in_page, n_ok, start + offs_n0, diag, m_i, l_i, acc,
+                    V, stride_v_page, stride_v_tok, offs_dv, dv_ok, kv_len, qk_scale_log2, softcap, last_pe,
+                    SEPARATE_V, CAUSAL, COMPUTE, SOFTCAP, LAST_ROPE, True)
 
     out, lse = online_softmax_finalize(acc, m_i, l_i)
     out = out * o_scale
@@ -225,6 +258,27 @@ def _seq_kv(b, kv_indptr, kv_indices, kv_last_page_lens, seqused_k, block_tables
 
 
 @triton.jit
+def _flag_rows(O, stride_ot, stride_oh, L, stride_lt, stride_lh, row_lo, row_hi, head_lo, num_heads, lse_flag,
+               BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr, D_V: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """NaN into output rows ``[row_lo, row_hi)`` (heads ``head_lo ..``) and ``lse_flag`` into their
+    LSE: the rows a too-small ``max_seqlen_q`` leaves outside every q tile. Split partials take
+    LSE 0 (aiter_core's merge drops a NaN-LSE split, so the NaN output carries the flag through
+    it); final outputs take NaN."""
+    head = head_lo + tl.arange(0, BLOCK_H)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    h_ok = head < num_heads
+    nan = tl.full([BLOCK_H, BLOCK_DV], float("nan"), dtype=tl.float32)
+    for row in range(row_lo, row_hi):
+        r = row_lo.to(tl.int64) + (row - row_lo)  # (the interpreter's loop variable is a Python int)
+        o_off = r * stride_ot + head.to(tl.int64) * stride_oh
+        tl.store(O + o_off[:, None] + offs_dv[None, :], nan.to(O.dtype.element_ty),
+                 mask=h_ok[:, None] & (offs_dv < D_V)[None, :])
+        if WRITE_LSE:
+            tl.store(L + r * stride_lt + head.to(tl.int64) * stride_lh,
+                     tl.zeros([BLOCK_H], dtype=tl.float32) + lse_flag, mask=h_ok)
+
+
+@triton.jit
 def mla_attn_kernel(
     Q, stride_qt, stride_qh,
     KV, stride_kv_page, stride_kv_tok, stride_kv_head,
@@ -233,7 +287,7 @@ def mla_attn_kernel(
     O, stride_ot, stride_os, stride_oh,
     L, stride_lt, stride_ls, stride_lh,
     q_scale, kv_scale, v_scale, last_rope, stride_last,
-    sm_scale, softcap, num_heads, heads_per_kv, num_kv_pages, num_q_tiles, num_splits, table_size, total_q,
+    sm_scale, softcap, num_heads, heads_per_kv, num_kv_pages, num_q_tiles, num_splits, table_size, total_q, max_seqlen_q,
     D_NOPE: tl.constexpr, D_ROPE: tl.constexpr, D_V: tl.constexpr,
     BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
     SEPARATE_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -256,7 +310,7 @@ def mla_attn_kernel(
     qlen = tl.load(qo_indptr + b + 1) - q_start
     q_pos0 = q_tile * BLOCK_Q
     # rows past total_q (an inconsistent qo_indptr) are neither read nor written
-    n_q = tl.minimum(tl.minimum(qlen - q_pos0, BLOCK_Q), total_q - q_start - q_pos0)
+    n_q = tl.minimum(tl.minimum(tl.minimum(qlen, max_seqlen_q) - q_pos0, BLOCK_Q), total_q - q_start - q_pos0)
     kv_len, table, table_left = _seq_kv(b, kv_indptr, kv_indices, kv_last_page_lens, seqused_k, block_tables,
                                         stride_bt, table_size,
                             PAGE_SIZE, TABLE_MODE)
@@ -301,6 +355,14 @@ def mla_attn_kernel(
         D_NOPE, D_ROPE, D_V, BLOCK_DN, BLOCK_DR, BLOCK_DV, SEPARATE_V, BLOCK_H, BLOCK_Q, BLOCK_N,
         PAGE_SIZE, CAUSAL, COMPUTE, WRITE_LSE, SOFTCAP, LAST_ROPE, PREFETCH, OFFSET_BITS,
     )
+    if q_tile == num_q_tiles - 1:
+        # rows past max_seqlen_q (the caller's bound below this sequence's length) are flagged
+        # NaN, never left unwritten (issue 11); the loop runs only when the bound is too small
+        _flag_rows(O + split.to(tl.int64) * stride_os, stride_ot, stride_oh,
+                   L + split.to(tl.int64) * stride_ls, stride_lt, stride_lh,
+                   q_start + max_seqlen_q, q_start + tl.minimum(qlen, total_q - q_start), head_lo, num_heads,
+                   tl.where(stride_ls != 0, 0.0, float("nan")),
+                   BLOCK_H, BLOCK_DV, D_V, WRITE_LSE)
 
 
 @triton.jit

@@ -326,7 +326,7 @@ def attention(q: Tensor, kv: Tensor, out: Tensor, *, qo_indptr: Tensor, max_seql
         one if v_scale is None else v_scale,
         one if last_rope is None else last_rope, 0 if last_rope is None else last_rope.stride(0),
         sm_scale, softcap, num_heads, heads_per_kv, kv_shape[0], q_tiles, num_splits,
-        block_tables.shape[1] if table_mode == 1 else kv_indices.shape[0], total_q,
+        block_tables.shape[1] if table_mode == 1 else kv_indices.shape[0], total_q, max(1, max_seqlen_q),
         *constexprs, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:
