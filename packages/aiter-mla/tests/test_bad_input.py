@@ -25,6 +25,8 @@ import textwrap
 import pytest
 import torch
 
+from aiter_mla import api, triton_api
+
 INTERPRET_OK = os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available()
 
 # -- index contents: one subprocess per category -----------------------------------------------------
@@ -314,3 +316,145 @@ def test_nan_in_a_masked_keys_latent_row_does_not_leak():
                 assert torch.equal(nan_rows, want), (q_lens, nan_rows.tolist())
     print("OK")
     """))
+
+
+# -- host checks: every public entry point, one bad argument at a time (in-process, no launch) ------
+
+L_, R_ = 16, 8  # kv_lora_rank, rope
+F32, I32 = torch.float32, torch.int32
+
+
+def _paged():
+    q = torch.randn(2, 4, L_ + R_)
+    return dict(q=q, kv_buffer=torch.randn(6, 2, 1, L_ + R_), o=torch.empty(2, 4, L_),
+                qo_indptr=torch.tensor([0, 1, 2], dtype=I32), kv_indptr=torch.tensor([0, 2, 5], dtype=I32),
+                kv_indices=torch.tensor([0, 1, 2, 3, 4], dtype=I32), kv_last_page_lens=torch.tensor([2, 1], dtype=I32),
+                max_seqlen_q=1)
+
+
+def _decode():
+    return dict(_paged(), page_size=2, sm_scale=0.3, num_kv_splits=2)
+
+
+def _prefill():
+    return dict(_paged(), sm_scale=0.3)
+
+
+def _prefill_ps():
+    return dict(Q=torch.randn(3, 2, 48), K=torch.randn(8, 1, 48), V=torch.randn(8, 1, 32), output=torch.empty(3, 2, 32),
+                qo_indptr=torch.tensor([0, 2, 3], dtype=I32), kv_indptr=torch.tensor([0, 4, 8], dtype=I32),
+                kv_page_indices=torch.arange(8, dtype=I32), work_indptr=None, work_info_set=None, max_seqlen_q=2,
+                is_causal=True, softmax_scale=0.2)
+
+
+def _reduce():
+    return dict(partial_output=torch.randn(4, 1, 2, L_), partial_lse=torch.randn(4, 1, 2, 1),
+                reduce_indptr=torch.tensor([0, 2, 4], dtype=I32),
+                reduce_final_map=torch.tensor([[0, 0], [1, 0]], dtype=I32),
+                reduce_partial_map=torch.tensor([0, 1, 2, 3], dtype=I32), max_seqlen_q=1, num_kv_splits=2,
+                final_output=torch.empty(2, 2, L_))
+
+
+def _grouped():
+    k = torch.randn(10, 1, L_ + R_)
+    return dict(q=torch.randn(2, 4, L_ + R_), k_buffer=k, v_buffer=k[..., :L_], o=torch.empty(2, 4, L_),
+                kv_indptr=torch.tensor([0, 4, 10], dtype=I32), kv_indices=torch.arange(10, dtype=I32),
+                k_pe_tokens=torch.empty(2, R_), kv_lora_rank=L_, rotary_dim=R_, cos_sin_cache=torch.randn(32, R_),
+                positions=torch.tensor([3, 9]), attn_logits=torch.empty(2, 4, 2, L_ + 1), num_kv_splits=2,
+                sm_scale=0.3, logit_cap=0.0, use_rope=True, is_neox_style=True)
+
+
+def _sglang_decode():
+    k = torch.randn(12, 1, L_ + R_)
+    return dict(q=torch.randn(2, 4, L_ + R_), k_buffer=k, v_buffer=k[..., :L_], o=torch.empty(2, 4, L_), lse=None,
+                req_to_token=torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=I32), b_seq_len=torch.tensor([5, 6], dtype=I32),
+                attn_logits=torch.empty(2, 4, 2, L_), num_kv_splits=2, sm_scale=0.3, page_size=2)
+
+
+def _concat():
+    return dict(kv_c=torch.randn(3, L_), k_pe=torch.randn(3, R_), kv_cache=torch.zeros(2, 4, L_ + R_),
+                slot_mapping=torch.tensor([0, 5, -1]), kv_cache_dtype="auto")
+
+
+def _rope_concat():
+    return dict(q_nope=torch.randn(3, 2, L_), q_pe=torch.randn(3, 2, R_), kv_c=torch.randn(3, L_),
+                k_pe=torch.randn(3, R_), kv_cache=torch.zeros(2, 4, L_ + R_), q_out=torch.empty(3, 2, L_ + R_),
+                slot_mapping=torch.tensor([0, 5, -1]), k_scale=None, q_scale=None, positions=torch.tensor([1, 2, 3]),
+                cos_cache=torch.randn(16, R_ // 2), sin_cache=torch.randn(16, R_ // 2), is_neox=True,
+                is_nope_first=True)
+
+
+def _rope_cat():
+    return dict(q_nope=torch.randn(3, 2, L_), q_pe=torch.randn(3, 2, R_), k_nope=torch.randn(3, 1, L_),
+                k_pe=torch.randn(3, 1, R_), kv_cache=torch.zeros(8, 1, L_ + R_), slot_mapping=torch.tensor([0, 5, 7]),
+                pos=torch.tensor([1, 2, 3]), cos=torch.randn(16, R_ // 2), sin=torch.randn(16, R_ // 2), k_scale=None,
+                is_neox=True)
+
+
+def _bt(decode):
+    def make():
+        return dict(q=torch.randn(2, 4, L_ + R_), kv_buffer=torch.randn(6, 2, 1, L_ + R_), out=torch.empty(2, 4, L_),
+                    cu_seqlens_q=torch.tensor([0, 1, 2], dtype=I32), seqused_k=torch.tensor([3, 4], dtype=I32),
+                    max_seqlen_kv=4, block_tables=torch.tensor([[0, 1], [2, 3]], dtype=I32), softmax_scale=0.3,
+                    kv_lora_rank=L_, qk_rope_head_dim=R_, causal=True, q_descale=None, kv_descale=None)
+    return make
+
+
+ENTRY_POINTS = {
+    "mla_decode_fwd": (api.mla_decode_fwd, _decode),
+    "mla_prefill_fwd": (api.mla_prefill_fwd, _prefill),
+    "mla_prefill_ps_fwd": (api.mla_prefill_ps_fwd, _prefill_ps),
+    "mla_reduce_v1": (api.mla_reduce_v1, _reduce),
+    "decode_attention_fwd_grouped_rope": (api.decode_attention_fwd_grouped_rope, _grouped),
+    "decode_attention_fwd": (api.decode_attention_fwd, _sglang_decode),
+    "concat_and_cache_mla": (api.concat_and_cache_mla, _concat),
+    "fused_qk_rope_concat_and_cache_mla": (api.fused_qk_rope_concat_and_cache_mla, _rope_concat),
+    "fused_qk_rope_cat_and_cache_mla": (api.fused_qk_rope_cat_and_cache_mla, _rope_cat),
+    "triton_api.mla_decode_fwd": (triton_api.mla_decode_fwd, _bt(True)),
+    "triton_api.mla_prefill_fwd": (triton_api.mla_prefill_fwd, _bt(False)),
+}
+
+INDEX_ARGS = {"qo_indptr", "kv_indptr", "kv_indices", "kv_last_page_lens", "kv_page_indices", "reduce_indptr",
+              "reduce_partial_map", "b_seq_len", "cu_seqlens_q", "seqused_k", "slot_mapping", "positions", "pos"}
+# a shorter list is valid for these (fewer sequences, fewer ids: the kernels read within it)
+SHORT_IS_VALID = {"qo_indptr", "cu_seqlens_q", "kv_indices", "kv_page_indices", "reduce_partial_map", "reduce_indptr"}
+SCALAR_FLOATS = {"sm_scale", "softmax_scale", "logit_cap"}
+
+
+def _mutations(args):
+    """(argument, label, new value) per category for every argument of ``args``."""
+    first = next(iter(v for v in args.values() if isinstance(v, torch.Tensor)))
+    for name, value in args.items():
+        if isinstance(value, torch.Tensor):
+            if value is first:
+                yield name, "wrong dtype", value.to(torch.float64 if value.is_floating_point() else torch.int16)
+            else:
+                yield name, "wrong dtype", value.to(torch.float64 if value.is_floating_point() else torch.float32)
+                yield name, "other device", value.to("meta")
+            yield name, "wrong rank", value[None, None, None]
+            yield name, "not a tensor", value.tolist()
+            if name in INDEX_ARGS and value.dim() == 1 and value.numel() > 1:
+                yield name, "strided", torch.stack([value, value], 1)[:, 0]
+                if name not in SHORT_IS_VALID:
+                    yield name, "short", value[:-1]
+        elif name in SCALAR_FLOATS:
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                yield name, f"scalar {bad}", bad
+        elif name in ("max_seqlen_q", "num_kv_splits", "page_size", "kv_lora_rank") and isinstance(value, int) and \
+                "reduce_indptr" not in args:  # (mla_reduce_v1 ignores num_kv_splits, as upstream's)
+            yield name, "zero", 0
+            yield name, "negative", -3
+
+
+CASES = [(ep, name, label, i) for ep, (fn, make) in ENTRY_POINTS.items()
+         for i, (name, label, _) in enumerate(_mutations(make()))]
+
+
+@pytest.mark.parametrize("ep,arg,label,i", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
+def test_host_check_names_the_argument(ep, arg, label, i):
+    fn, make = ENTRY_POINTS[ep]
+    args = make()
+    name, _, value = list(_mutations(args))[i]
+    args[name] = value
+    with pytest.raises((TypeError, ValueError), match=name):
+        fn(**args, backend="triton")

@@ -778,7 +778,7 @@ def _rope_tables(cos, sin, rope: int, device, like: str, names=("cos_cache", "si
 
 
 def _mla_cache(kv_cache, width: int, device, like: str) -> None:
-    check_tensor("kv_cache", kv_cache, ndim=(3, 4), device=device, like=like)
+    check_tensor("kv_cache", kv_cache, ndim=(3, 4), dtypes=Q_DTYPES, device=device, like=like)
     if kv_cache.dim() == 4 and kv_cache.shape[2] != 1:
         raise ValueError(f"kv_cache must be [num_blocks, block_size, (1,) {width}], got {tuple(kv_cache.shape)}")
     if kv_cache.shape[-1] != width:
@@ -860,7 +860,7 @@ def fused_qk_rope_cat_and_cache_mla(q_nope: Tensor, q_pe: Tensor, k_nope: Tensor
     check_tensor("q_pe", q_pe, ndim=3, dtypes=FLOAT_DTYPES, device=device, like=like)
     check_tensor("k_nope", k_nope, ndim=3, dtypes=FLOAT_DTYPES, device=device, like=like)
     check_tensor("k_pe", k_pe, ndim=3, dtypes=FLOAT_DTYPES, device=device, like=like)
-    check_tensor("kv_cache", kv_cache, ndim=3, device=device, like=like)
+    check_tensor("kv_cache", kv_cache, ndim=3, dtypes=Q_DTYPES, device=device, like=like)
     batch, q_heads, d1 = q_nope.shape
     d2 = q_pe.shape[-1]
     n_slot, k_heads = k_nope.shape[0], k_nope.shape[1]
