@@ -59,6 +59,27 @@ def test_splitk_merge_matches_reference(rows, splits, with_sum):
     assert torch.all(out.view(-1, D)[-1] == 0) and lse.view(-1)[-1] == float("-inf")
 
 
+@pytest.mark.parametrize("where", ["lse", "sum"])
+def test_splitk_merge_keeps_a_nan_split(where):
+    # the NaN rule: a split whose max or sum is NaN reaches its row's output and LSE; other rows and
+    # empty splits stay as they were
+    g = torch.Generator().manual_seed(7)
+    po = torch.randn(3, 4, 16, generator=g)
+    plse = torch.randn(3, 4, generator=g)
+    psum = torch.rand(3, 4, generator=g) + 0.5
+    (plse if where == "lse" else psum)[1, 2] = float("nan")
+    plse[2, 1] = float("-inf")  # an empty split beside a NaN-free row
+    po[2, 1] = float("nan")
+    ref_out, ref_lse = ta.splitk_merge_reference(po, plse, psum)
+    out, lse = torch.zeros(3, 16, device=DEVICE), torch.zeros(3, device=DEVICE)
+    ta.splitk_merge(po.to(DEVICE), plse.to(DEVICE), out, lse, partial_sum=psum.to(DEVICE))
+    out, lse = out.cpu(), lse.cpu()
+    assert out[1].isnan().all() and lse[1].isnan() and ref_out[1].isnan().all() and ref_lse[1].isnan()
+    assert not out[[0, 2]].isnan().any() and not lse[[0, 2]].isnan().any()
+    torch.testing.assert_close(out[[0, 2]], ref_out[[0, 2]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse[[0, 2]], ref_lse[[0, 2]], atol=1e-5, rtol=1e-5)
+
+
 def test_splitk_merge_strided_out_and_fp16():
     g = torch.Generator().manual_seed(7)
     po = torch.randn(2, 6, 5, 16, generator=g)  # [b, h, splits, d]

@@ -95,7 +95,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import cdiv, next_pow2
+from .triton_utils import cdiv, launch, next_pow2
 from .triton_utils import max_element_offset as _max_element_offset
 
 __all__ = [
@@ -306,7 +306,8 @@ def _split_lse(lse_base, sum_base, k, km, s_plk, s_psk, HAS_SUM: tl.constexpr):
     lse = tl.load(lse_base + k * s_plk, mask=km, other=float("-inf")).to(tl.float32)
     if HAS_SUM:
         ssum = tl.load(sum_base + k * s_psk, mask=km, other=0.0).to(tl.float32)
-        lse = tl.where(ssum > 0.0, lse + tl.log(tl.where(ssum > 0.0, ssum, 1.0)), float("-inf"))
+        live = (ssum > 0.0) | (ssum != ssum)  # a NaN sum is kept (the NaN rule), a zero one is empty
+        lse = tl.where(live, lse + tl.log(tl.where(live, ssum, 1.0)), float("-inf"))
     return lse
 
 
@@ -346,17 +347,19 @@ def _splitk_merge_kernel(
         k = k0 + offs_k
         km = k < num_splits
         w = tl.exp(_split_lse(lse_base, sum_base, k, km, s_plk, s_psk, HAS_SUM) - m_safe)
-        live = km & (w > 0.0)
+        # the NaN rule: a split whose LSE (max or sum) is NaN reaches the output; an empty one is never read
+        live = km & ((w > 0.0) | (w != w))
         o = tl.load(po_base + k[:, None].to(tl.int64) * s_pok + offs_d[None, :] * s_pod,
                     mask=live[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(o * tl.where(live, w, 0.0)[:, None], 0)
         den += tl.where(live, w, 0.0)
     denom = tl.sum(den, 0)
-    out = tl.where(denom > 0.0, acc / tl.where(denom > 0.0, denom, 1.0), 0.0)
+    has = (denom > 0.0) | (denom != denom)
+    out = tl.where(has, acc / tl.where(has, denom, 1.0), 0.0)
     tl.store(out_ptr + r0 * s_o0 + r1 * s_o1 + offs_d * s_od, out.to(out_ptr.dtype.element_ty), mask=d_mask)
     if WRITE_LSE:
         if pid_d == 0:
-            lse_row = tl.where(denom > 0.0, m_safe + tl.log(tl.where(denom > 0.0, denom, 1.0)), float("-inf"))
+            lse_row = tl.where(has, m_safe + tl.log(tl.where(has, denom, 1.0)), float("-inf"))
             tl.store(lse_out_ptr + r0 * s_l0 + r1 * s_l1, lse_row)
 
 
@@ -415,7 +418,8 @@ def splitk_merge(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torc
     block_k = min(max(next_pow2(splits), 2), 32)
     grid = (total_rows, cdiv(head_dim, block_d))
     po_stride = partial_out.stride()
-    _splitk_merge_kernel[grid](
+    launch(
+        _splitk_merge_kernel, grid,
         partial_out, partial_lse, partial_sum if partial_sum is not None else partial_lse, out,
         lse_out if lse_out is not None else partial_lse,
         r1, splits, head_dim,
@@ -424,7 +428,7 @@ def splitk_merge(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torc
         s_ps0, s_ps1, s_psk,
         s_o0, s_o1, out.stride(-1),
         s_l0, s_l1,
-        BLOCK_K=block_k, BLOCK_D=block_d, HAS_SUM=partial_sum is not None, WRITE_LSE=lse_out is not None,
+        block_k, block_d, partial_sum is not None, lse_out is not None,  # BLOCK_K, BLOCK_D, HAS_SUM, WRITE_LSE
         num_warps=num_warps,
     )
     return out
@@ -436,15 +440,18 @@ def splitk_merge_reference(partial_out: torch.Tensor, partial_lse: torch.Tensor,
     lse = partial_lse.double()
     if partial_sum is not None:
         s = partial_sum.double()
-        lse = torch.where(s > 0, lse + torch.log(torch.where(s > 0, s, torch.ones_like(s))),
+        kept = (s > 0) | s.isnan()
+        lse = torch.where(kept, lse + torch.log(torch.where(kept, s, torch.ones_like(s))),
                           torch.full_like(lse, float("-inf")))
     mx = lse.amax(dim=-1, keepdim=True)
     mx = torch.where(torch.isinf(mx) & (mx < 0), torch.zeros_like(mx), mx)
     w = torch.exp(lse - mx)
-    o = torch.where(w[..., None] > 0, partial_out.double() * w[..., None], torch.zeros((), dtype=torch.float64))
-    den = w.sum(-1)
-    out = torch.where(den[..., None] > 0, o.sum(-2) / torch.where(den > 0, den, torch.ones_like(den))[..., None],
+    live = (w > 0) | w.isnan()  # a NaN split reaches the output (the NaN rule), an empty one adds nothing
+    o = torch.where(live[..., None], partial_out.double() * w[..., None], torch.zeros((), dtype=torch.float64))
+    den = torch.where(live, w, torch.zeros((), dtype=torch.float64)).sum(-1)
+    has = (den > 0) | den.isnan()
+    out = torch.where(has[..., None], o.sum(-2) / torch.where(has, den, torch.ones_like(den))[..., None],
                       torch.zeros((), dtype=torch.float64))
-    lse_out = torch.where(den > 0, mx.squeeze(-1) + torch.log(torch.where(den > 0, den, torch.ones_like(den))),
+    lse_out = torch.where(has, mx.squeeze(-1) + torch.log(torch.where(has, den, torch.ones_like(den))),
                           torch.full_like(den, float("-inf")))
     return out.float(), lse_out.float()

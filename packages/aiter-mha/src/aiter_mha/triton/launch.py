@@ -19,7 +19,7 @@ import torch
 
 from aiter_core import configs as _configs
 from aiter_core import env
-from aiter_core.triton_utils import cdiv, install_compile_notice, next_pow2
+from aiter_core.triton_utils import cdiv, install_compile_notice, launch, next_pow2
 
 from ..checks import PACKED, PADDED_BATCH, PAGED_DENSE_Q, BwdCall, FwdCall, Key
 from ..fp8 import quantize_call
@@ -182,7 +182,7 @@ def _launch_fwd(call: FwdCall, q, k, v, out, lse, s_dmask, rng_state, seqlens_k,
     has_dropout = call.dropout_p > 0.0
     cu_q, cu_k = call.cu_seqlens_q, call.cu_seqlens_k
     st_q, st_k = call.seqstart_q, call.seqstart_k
-    flash_fwd_kernel[(cdiv(max_sq, block_m), heads_q, batch)](
+    launch(flash_fwd_kernel, (cdiv(max_sq, block_m), heads_q, batch),
         q, k, v, out, lse, s_dmask if s_dmask is not None else dummy,
         *q_strides, *k_strides, *v_strides, *o_strides, *l_strides, *d_strides,
         cu_q if cu_q is not None else dummy,
@@ -351,7 +351,7 @@ def _bwd(call: BwdCall, dq, dk, dv, config, split_group, dq_atomic):
     pre_block = 64
     num_pre = cdiv(max_sq, pre_block)
     sink_partial = torch.zeros((batch, heads_q, num_pre), dtype=torch.float32, device=dev) if sink is not None else None
-    bwd_preprocess_kernel[(num_pre, heads_q, batch)](
+    launch(bwd_preprocess_kernel, (num_pre, heads_q, batch),
         out, do, lse, delta, sink if sink is not None else dummy,
         sink_partial if sink_partial is not None else dummy,
         *_strides3(out, varlen), *_strides3(do, varlen), *l_strides,
@@ -416,7 +416,7 @@ def _bwd(call: BwdCall, dq, dk, dv, config, split_group, dq_atomic):
         dq_atomic = env.get("AITER_MHA_DQ_ATOMIC", "0") == "1"
     dq_atomic = bool(dq_atomic) and not call.deterministic
     dq_acc = torch.zeros(qs, dtype=torch.float32, device=dev) if dq_atomic else None
-    bwd_dkdv_kernel[grid_kv](
+    launch(bwd_dkdv_kernel, grid_kv,
         q, k, v, do, lse, delta, dk_out, dv_out, dbias_buf if dbias_buf is not None else dummy,
         dq_acc if dq_acc is not None else dummy,
         *q_strides, *k_strides, *v_strides, *_strides3(do, varlen),
@@ -441,7 +441,7 @@ def _bwd(call: BwdCall, dq, dk, dv, config, split_group, dq_atomic):
         dq.copy_(dq_acc)  # dQ was accumulated by the dK/dV kernel
     else:
         grid_q = (cdiv(max_sq, cfg_q.BLOCK_M), heads_q, batch)
-        bwd_dq_kernel[grid_q](
+        launch(bwd_dq_kernel, grid_q,
             q, k, v, do, lse, delta, dq,
             *q_strides, *k_strides, *v_strides, *_strides3(do, varlen),
             *_strides3(dq, varlen), *l_strides,
