@@ -318,6 +318,65 @@ def test_nan_in_a_masked_keys_latent_row_does_not_leak():
     """))
 
 
+
+@needs_interpreter
+def test_lengths_past_the_buffers_and_empty_batches():
+    """kv_indptr past kv_indices, seqused_k past the block table, non-monotonic qo_indptr: reads
+    stay inside the given tensors (entries past them point at a NaN page, so a read past the
+    table would show as NaN) and rows outside every sequence are not written (a finite sentinel
+    stays); an empty batch and zero-length sequences are valid (output 0, LSE -inf)."""
+    run_case(PAGED + textwrap.dedent("""
+    case = make_paged_case(batch=2, heads=4, kv_lens=[9, 6], q_lens=1, page_size=4, kv_lora_rank=LORA, rope=ROPE,
+                           dtype=torch.float32, seed=4)
+    pages = case.kv.shape[0]
+    pool = torch.cat([case.kv, torch.full((1,) + tuple(case.kv.shape[1:]), NAN)])  # page `pages` is NaN
+    n = case.kv_indices.shape[0]
+    big_idx = torch.full((n + 8,), pages, dtype=torch.int32)
+    big_idx[:n] = case.kv_indices
+    idx = big_idx[:n]
+    # the last sequence's indptr runs 3 pages past kv_indices: those entries are not read
+    indptr = case.kv_indptr.clone()
+    indptr[-1] += 3
+    o = torch.full((2, 4, LORA), NAN)
+    bad = type(case)(case.q, pool, case.qo_indptr, indptr, idx, case.kv_last_page_lens, case.kv_lens, case.q_lens,
+                     4, LORA, 1)
+    o, lse = decode(bad, 4)
+    assert torch.isfinite(o).all(), "read past kv_indices"
+    ro, rl = ref(case)
+    assert torch.allclose(o[0], ro[0], atol=1e-4), "the first sequence is unaffected"
+    # block-table form: seqused_k beyond the table's width x block size
+    width = 3
+    big_t = torch.full((2, width + 4), pages, dtype=torch.int32)
+    big_t[:, :width] = case.block_tables[:, :width] if case.block_tables.shape[1] >= width else 0
+    tables = big_t[:, :width]
+    seqused = torch.tensor([40, 6], dtype=torch.int32)  # 40 > 3 x 4
+    out = torch.full((2, 4, LORA), NAN)
+    triton_api.mla_decode_fwd(case.q, pool, out, case.qo_indptr, seqused, 40, tables, 0.3, LORA, ROPE, True, None,
+                              None, num_kv_splits=2, backend="triton")
+    assert torch.isfinite(out).all(), "read past the block table"
+    # non-monotonic qo_indptr: the empty sequence writes nothing (sentinel stays), no crash
+    qo = torch.tensor([0, 2, 1], dtype=torch.int32)
+    q2 = torch.randn(2, 4, LORA + ROPE)
+    o = torch.full((2, 4, LORA), 5.0)
+    c2 = type(case)(q2, case.kv, qo, case.kv_indptr, case.kv_indices, case.kv_last_page_lens, case.kv_lens,
+                    [2, -1], 4, LORA, 2)
+    decode(c2, 4, max_seqlen_q=2, o=o)
+    assert torch.isfinite(o).all()
+    # empty batch and zero-length sequences: valid, compared with the reference
+    empty = make_paged_case(batch=3, heads=4, kv_lens=[0, 5, 0], q_lens=[1, 1, 0], page_size=4, kv_lora_rank=LORA,
+                            rope=ROPE, dtype=torch.float32, seed=5)
+    o, lse = decode(empty, 4)
+    ro, rl = ref(empty)
+    assert torch.allclose(o, ro, atol=1e-4) and torch.equal(torch.isneginf(lse), torch.isneginf(rl))
+    assert (o[0] == 0).all() and torch.isneginf(lse[0]).all()
+    z = make_paged_case(batch=1, heads=4, kv_lens=[3], q_lens=[0], page_size=4, kv_lora_rank=LORA, rope=ROPE,
+                        dtype=torch.float32, seed=6)
+    o, lse = decode(z, 4, max_seqlen_q=1)
+    assert o.shape[0] == 0
+    print("OK")
+    """))
+
+
 # -- host checks: every public entry point, one bad argument at a time (in-process, no launch) ------
 
 L_, R_ = 16, 8  # kv_lora_rank, rope
