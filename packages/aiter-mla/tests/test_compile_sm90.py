@@ -166,3 +166,50 @@ def test_reduce_rope_and_cache_kernels_compile():
                      4, 1, {"Cache": "*fp8e4nv"})
     for kernel in (red, rot, cat, fused):
         assert kernel.metadata.shared <= H100_SMEM_PER_BLOCK
+
+
+# -- every specialisation the API accepts (issue 18): head dims, dtypes, mask kinds, table forms ------
+# A representative grid by default; AITER_MLA_COMPILE_FULL=1 compiles the full product.
+FULL = os.environ.get("AITER_MLA_COMPILE_FULL", "0") == "1"
+HEAD_DIMS = (32, 40, 59, 64, 80, 96, 111, 128, 160, 192, 224, 256, 512)
+ROPE_DIMS = (16, 64, 127)
+DTYPES = {"bf16": (torch.bfloat16, "*bf16"), "fp16": (torch.float16, "*fp16"), "fp32": (torch.float32, "*fp32"),
+          "fp8": (FP8, "*fp8e4nv")}
+FORMS = ("paged-causal", "paged", "block-table", "grouped-rope")
+if FULL:
+    GRID = [(d, r, dt, f) for d in HEAD_DIMS for r in ROPE_DIMS for dt in DTYPES for f in FORMS]
+else:  # every head dim, rope width, dtype and form at least once
+    GRID = [(d, ROPE_DIMS[i % 3], list(DTYPES)[i % 4], FORMS[i % 4]) for i, d in enumerate(HEAD_DIMS)]
+    GRID += [(512, 127, "bf16", "grouped-rope"), (512, 64, "fp8", "paged-causal"), (512, 64, "fp16", "block-table")]
+
+
+@pytest.mark.parametrize("d_nope,d_rope,dtype,form", GRID, ids=[f"{a}+{b}-{c}-{d}" for a, b, c, d in GRID])
+def test_accepted_head_dims_compile(d_nope, d_rope, dtype, form):
+    """kv_lora_rank (= V width) x rope width x dtype x mask/table form: every one the checks accept
+    compiles for sm_90 and fits its shared memory (the rope width 127 of issue 18 included)."""
+    from aiter_core.triton_utils import next_pow2
+
+    torch_dtype, ptr = DTYPES[dtype]
+    cfg = decode_config(16, 1, torch_dtype)
+    mode, page, causal, extra = {"paged-causal": (0, 16, True, {}), "paged": (0, 1, False, {}),
+                                 "block-table": (1, 64, True, {}),
+                                 "grouped-rope": (2, 1, False, dict(LAST_ROPE=True, SOFTCAP=True))}[form]
+    constexprs = dict(_decode_constexprs(cfg, compute=compute_code(torch.bfloat16 if dtype == "fp8" else torch_dtype,
+                                                                   torch_dtype),
+                                         table_mode=mode, page=page, causal=causal, kv_scale=dtype == "fp8",
+                                         d_nope=d_nope, d_rope=d_rope, d_v=d_nope), **extra)
+    constexprs.update(BLOCK_DN=max(16, next_pow2(d_nope)), BLOCK_DR=max(16, next_pow2(d_rope)),
+                      BLOCK_DV=max(16, next_pow2(d_nope)))
+    types = {"Q": "*bf16" if dtype == "fp8" else ptr, "KV": ptr, "V": ptr, "O": "*fp32"}
+    kernel = _compile(attention.mla_attn_kernel, constexprs, cfg.num_warps, cfg.num_stages, types)
+    assert kernel.metadata.shared <= H100_SMEM_PER_BLOCK, (d_nope, d_rope, dtype, form, kernel.metadata.shared)
+
+
+@pytest.mark.parametrize("rope_w,rot", [(127, 64), (64, 64), (16, 8)] + ([(59, 32), (111, 110)] if FULL else []))
+def test_rope_decode_kernel_compiles_for_odd_rope_widths(rope_w, rot):
+    from aiter_core.triton_utils import next_pow2
+
+    kernel = _compile(rope._rope_decode_kernel,
+                      dict(LORA=512, ROPE=rope_w, ROT=rot, BLOCK_R=max(16, next_pow2(rope_w)), BLOCK_HQ=16,
+                           IS_NEOX=True), 4, 1, {"cos_sin": "*bf16", "KPe": "*bf16"})
+    assert kernel.metadata.shared <= H100_SMEM_PER_BLOCK
