@@ -97,7 +97,12 @@ def attention_rows_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: 
     s = s.masked_fill(~mask[None], float("-inf"))
     lse = torch.logsumexp(s, -1)  # [Hq, Sq]
     p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-    out = torch.einsum("hqk,khd->qhd", p, vd)
+    # the NaN rule: a masked key contributes nothing (not 0 x NaN); a row that sees a key with a
+    # non-finite V row gets NaN
+    vbad = ~torch.isfinite(vd).all(-1)  # [Sk, Hq]
+    out = torch.einsum("hqk,khd->qhd", p, vd.masked_fill(vbad[..., None], 0.0))
+    rbad = (mask[None] & vbad.transpose(0, 1)[:, None, :]).any(-1).transpose(0, 1)  # [Sq, Hq]
+    out = out.masked_fill(rbad[..., None], float("nan"))
     return out, lse.transpose(0, 1)
 
 

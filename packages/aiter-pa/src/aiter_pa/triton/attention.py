@@ -149,6 +149,9 @@ def _paged_attn_kernel(
         if HEAD_D2 > 0:
             q2c = q2
 
+    # the tile's lowest and highest query positions (which key tiles hold masked pairs)
+    qpos_lo = tl.min(tl.where(row_ok, qpos, 1 << 30), 0)
+    qpos_hi = tl.max(tl.where(row_ok, qpos, -(1 << 30)), 0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -255,10 +258,24 @@ def _paged_attn_kernel(
             vx = tl.load(v_base + v_tok[:, None] + v_col_off[None, :])
         else:
             vx = tl.load(v_base + v_tok[:, None] + v_col_off[None, :], mask=dv_ok[None, :])
+        # The NaN rule where (row, key) pairs are masked among valid keys (MTP causal, window, custom
+        # mask): a key with a non-finite V row is zeroed and the rows that keep it are flagged NaN,
+        # so 0 x NaN never reaches a row that does not see it. Plain decode has no such pairs.
+        # Only tiles that can hold such pairs pay (the causal diagonal, the window's edge).
+        vvalid = valid
+        if CAUSAL or USE_WINDOW or (HAS_MASK and MASK_PREFIX):
+            rbad = qt < 0
+            edge = (HAS_MASK and MASK_PREFIX) or (CAUSAL and n0 + BLOCK_N - 1 > qpos_lo) or (
+                USE_WINDOW and n0 <= qpos_hi - window)
+            if edge:
+                vxf = vx.to(tl.float32)
+                vbad = tl.max(((vxf - vxf) != 0.0).to(tl.int32), 1) > 0  # x - x is NaN for NaN and +-inf
+                rbad = tl.max((keep & vbad[None, :]).to(tl.int32), 1) > 0
+                vvalid = valid & (vbad == 0)
         if QUANT_V == 2 or QUANT_V == 3:
             vsc = ta.load_kv_scale(vs_ptr, QUANT_V, kvh, phys, off, s_vsblk, s_vsh, s_vstok, valid)
         if HIGH_PREC == 0 and V_FP8:
-            vz = tl.where(valid[:, None], vx.to(tl.float32), 0.0).to(vx.dtype)
+            vz = tl.where(vvalid[:, None], vx.to(tl.float32), 0.0).to(vx.dtype)
             # P (<= 1) goes in as P * 256 (<= 256 < 448): small probabilities stay out of fp8's
             # subnormal range; the power of two adds no rounding. The row sums are taken from the
             # rounded probabilities the dot used, so their 3-bit rounding cancels in the
@@ -278,14 +295,14 @@ def _paged_attn_kernel(
                 used = p8.to(tl.float32) * 0.00390625
             l_i = l_prev * alpha + tl.sum(used, 1)
         elif HIGH_PREC == 2:
-            v = tl.where(valid[:, None], ta.kv_to_float(vx, QUANT_V, vshift[None, :]), 0.0)
+            v = tl.where(vvalid[:, None], ta.kv_to_float(vx, QUANT_V, vshift[None, :]), 0.0)
             if QUANT_V == 2 or QUANT_V == 3:
                 v = v * vsc[:, None]
                 pv = tl.dot(p, v, input_precision="ieee")
             else:
                 pv = tl.dot(p, v, input_precision="ieee")
         else:
-            v = tl.where(valid[:, None], ta.kv_to_float(vx, QUANT_V, vshift[None, :]), 0.0).to(cdt)
+            v = tl.where(vvalid[:, None], ta.kv_to_float(vx, QUANT_V, vshift[None, :]), 0.0).to(cdt)
             if QUANT_V == 2 or QUANT_V == 3:
                 vmax = tl.max(vsc, 0)
                 vmax = tl.where(vmax > 0.0, vmax, 1.0)
@@ -293,6 +310,8 @@ def _paged_attn_kernel(
             else:
                 pv = tl.dot(p.to(cdt), v)
         acc = acc * alpha[:, None] + pv
+        if CAUSAL or USE_WINDOW or (HAS_MASK and MASK_PREFIX):
+            acc = tl.where(rbad[:, None], float("nan"), acc)
 
     # -- new (not yet cached) keys: prefill -------------------------------------------------------
     if HAS_NEW:
@@ -333,12 +352,23 @@ def _paged_attn_kernel(
                 m_i, alpha, p, l_i = ta.online_softmax_step(m_i, l_i, s)
                 v = tl.load(nv_ptr + rows_j[:, None] * s_nvt + kvh * s_nvh + offs_dv[None, :] * s_nvd,
                             mask=jv[:, None] & dv_ok[None, :], other=0.0)
+                if NEW_CAUSAL or USE_WINDOW or HAS_MASK:  # the NaN rule (see the cached loop)
+                    nbad = qt < 0
+                    edge = HAS_MASK or (NEW_CAUSAL and ctx + n0 + BLOCK_N - 1 > qpos_lo) or (
+                        USE_WINDOW and ctx + n0 <= qpos_hi - window)
+                    if edge:
+                        vf = v.to(tl.float32)
+                        vbad = tl.max(((vf - vf) != 0.0).to(tl.int32), 1) > 0
+                        nbad = tl.max((keep & vbad[None, :]).to(tl.int32), 1) > 0
+                        v = tl.where(vbad[:, None], 0.0, vf).to(v.dtype)
                 if HIGH_PREC == 2:
                     pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
                 else:
                     pv = tl.dot(p.to(cdt), v.to(cdt))
                 # the cache's per-tensor/per-head V scale is applied to acc at the end: undo it here
                 acc = acc * alpha[:, None] + pv / v_scalar
+                if NEW_CAUSAL or USE_WINDOW or HAS_MASK:
+                    acc = tl.where(nbad[:, None], float("nan"), acc)
 
     # -- epilogue ---------------------------------------------------------------------------------
     if SPLIT:
