@@ -291,6 +291,40 @@ def test_bad_page_and_token_ids_are_skipped():
 
 
 @needs_interpreter
+def test_bad_page_ids_are_skipped_in_the_persistent_decode():
+    """The persistent (work-list) decode reads pages through the same tile code: page ids past
+    the pool, negative and huge are skipped (output equals the reference without that page)."""
+    run_case(PAGED + textwrap.dedent("""
+    page, heads = 4, 16
+    case = make_paged_case(batch=2, heads=heads, kv_lens=[17, 9], q_lens=1, page_size=page, kv_lora_rank=LORA,
+                           rope=ROPE, dtype=torch.float32, seed=8)
+    pages = case.kv.shape[0]
+    big, pool = guarded(tuple(case.kv.shape), pad=2)
+    pool.copy_(case.kv)
+    ind = case.kv_indptr.tolist()
+    ro, rl = ref(case)
+    for bad in (pages, -1, 2**31 - 1):
+        seq0 = case.kv_indices[ind[0]:ind[1]].tolist()
+        idx = torch.tensor(seq0[:-1] + [bad] + seq0[-1:] + case.kv_indices[ind[1]:ind[2]].tolist(), dtype=torch.int32)
+        indptr = torch.tensor([0, ind[1] + 1, ind[2] + 1], dtype=torch.int32)
+        info = api.get_mla_metadata_info_v1(2, 1, heads, torch.float32, torch.float32, is_sparse=False,
+                                            max_split_per_batch=4)
+        bufs = [torch.empty(shape, dtype=dt) for shape, dt in info]
+        meta, w_indptr, w_info, r_indptr, r_final, r_partial = bufs
+        api.get_mla_metadata_v1(case.qo_indptr, indptr, case.kv_last_page_lens, heads, 1, True, meta, w_info,
+                                w_indptr, r_indptr, r_final, r_partial, page_size=page, max_seqlen_qo=1,
+                                max_split_per_batch=4)
+        o = torch.full((2, heads, LORA), NAN)
+        api.mla_decode_fwd(case.q, pool, o, case.qo_indptr, indptr, idx, case.kv_last_page_lens, 1, page_size=page,
+                           sm_scale=0.3, work_meta_data=meta, work_indptr=w_indptr, work_info_set=w_info,
+                           reduce_indptr=r_indptr, reduce_final_map=r_final, reduce_partial_map=r_partial,
+                           backend="triton")
+        assert torch.isfinite(o).all() and torch.allclose(o, ro, atol=1e-4), bad
+    print("OK")
+    """))
+
+
+@needs_interpreter
 def test_nan_in_a_masked_keys_latent_row_does_not_leak():
     """MTP decode and prefill (causal): NaN in the latent (V) row of a key that some query rows
     cannot see reaches exactly the rows that see it; the others match the reference computed
