@@ -45,6 +45,7 @@ import triton.language as tl
 from aiter_core import configs, env
 from aiter_core import triton_attn as ta
 from aiter_core.triton_utils import cdiv, install_compile_notice
+from aiter_core.triton_utils import launch as launch_kernel
 
 from ..checks import SHORT_Q, Call, Key
 from .kernel import unified_attn_kernel
@@ -292,7 +293,8 @@ def unified_attention_segments(call: Call) -> list:
 
 def _launch(call: Call, launch: Launch, buffers=None) -> None:
     config = launch.config
-    unified_attn_kernel[launch.grid](*kernel_args(call, launch, buffers), *config.constexpr_args, **config.options)
+    launch_kernel(unified_attn_kernel, launch.grid, *kernel_args(call, launch, buffers), *config.constexpr_args,
+                  **config.options)
 
 
 def _run(call: Call, launches: tuple[Launch, ...], skip_reduce: bool):
