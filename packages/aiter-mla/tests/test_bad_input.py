@@ -551,3 +551,16 @@ def test_host_check_names_the_argument(ep, arg, label, i):
     args[name] = value
     with pytest.raises((TypeError, ValueError), match=name):
         fn(**args, backend="triton")
+
+
+@pytest.mark.parametrize("arg,value,match", [
+    ("kv_indices", lambda a: a["kv_indices"].long(), r"kv_indices must have dtype int32, got torch.int64"),
+    ("attn_logits", lambda a: a["attn_logits"].bfloat16(), r"attn_logits must have dtype float32"),
+])
+def test_grouped_rope_upstream_forms_say_what_to_pass(arg, value, match):
+    """Issue 14: AITER's test passes int64 kv_indices and bf16 attn_logits; the error says what to
+    pass instead ([B, 1] positions are accepted: see test_positions_past_the_rope_table_are_clamped)."""
+    args = _grouped()
+    args[arg] = value(args)
+    with pytest.raises(TypeError, match=match):
+        api.decode_attention_fwd_grouped_rope(**args, backend="triton")
