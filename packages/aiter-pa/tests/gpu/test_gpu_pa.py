@@ -531,3 +531,29 @@ def test_prefill_int64_indices(kv_cache_dtype, window):
     aiter_pa.context_attention_fwd(q, k, v, ref, kv_cache_dtype, k_cache, v_cache, b_loc, b_start_loc, b_seq_len, 64,
                                    one, one, sliding_window=window, backend="reference")
     _close(o, ref, dt)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prefill_index_rule_and_nan_rule_on_gpu(dtype):
+    """Issue 11 on the GPU (bf16 is not in the interpreter tier): b_start_loc past the packed tensor
+    (int64) is clamped and never writes past the output (guard rows), rows past a too-small
+    max_input_len are NaN, a NaN V row of a new key reaches only the rows that see it."""
+    kv = make_paged_kv([10, 7], 2, 64, 16, "vllm", N, dtype, seed=5, device=DEV)
+    T, g = 9, 8
+    q, k, v = (torch.randn(T, h, 64, device=DEV).to(dtype) for h in (4, 2, 2))
+    v[2] = float("nan")  # sequence 0's new key 2: its rows 2.. see it, rows 0, 1 must not
+    starts = torch.tensor([0, 6, 50], device=DEV)  # int64, last entry past the 9 rows
+    seq = torch.tensor([16, 100], device=DEV)
+    outs = {}
+    for backend in ("triton", "reference"):
+        buf = torch.full((T + 2 * g, 4, 64), 7.0, dtype=dtype, device=DEV)
+        o = buf[g:g + T]
+        aiter_pa.context_attention_fwd(q, k, v, o, "auto", kv.key_cache, kv.value_cache, kv.block_tables, starts, seq,
+                                       4, backend=backend)
+        torch.cuda.synchronize()
+        assert (buf[:g] == 7.0).all() and (buf[-g:] == 7.0).all(), f"{backend}: guard rows written"
+        assert torch.isfinite(o[:2]).all() and torch.isnan(o[2:6]).all(), backend  # 4, 5: past max_input_len
+        outs[backend] = o.float().clone()
+    torch.testing.assert_close(torch.nan_to_num(outs["triton"]), torch.nan_to_num(outs["reference"]), atol=2e-2,
+                               rtol=2e-2)
+    assert torch.equal(torch.isnan(outs["triton"]), torch.isnan(outs["reference"]))
