@@ -87,8 +87,8 @@ def _attend_step(q_nope, q_rope, k_nope, k_rope, page, in_page, n_ok, offs_n, di
                  V, stride_v_page, stride_v_tok, offs_dv, dv_ok, kv_len, qk_scale_log2, softcap, last_pe,
                  SEPARATE_V: tl.constexpr, CAUSAL: tl.constexpr, COMPUTE: tl.constexpr, SOFTCAP: tl.constexpr,
                  LAST_ROPE: tl.constexpr, CLEAN_V: tl.constexpr = False):
-    """One KV tile of the online softmax: returns the updated (m_i, l_i, acc). ``CLEAN_V``: the
-    tile may hold causally masked keys (see :func:`_mla_tile`)."""
+    """One KV tile of the online softmax: returns the updated (m_i, l_i, acc). ``CLEAN_V``: tiles
+    may hold keys masked for some of their rows."""
     k_nope = _upcast(k_nope, COMPUTE)
     k_rope = _upcast(k_rope, COMPUTE)
     if LAST_ROPE:
@@ -110,7 +110,8 @@ def _attend_step(q_nope, q_rope, k_nope, k_rope, page, in_page, n_ok, offs_n, di
         v = _upcast(v, COMPUTE)
     else:
         v = k_nope  # absorbed MLA: V is the first D_V (= D_NOPE) values of the K row
-        if CLEAN_V:
+        if CLEAN_V and tl.max(offs_n, 0) > tl.min(diag, 0):
+            # a tile holding a key some row cannot see (runtime branch: the other tiles skip it):
             # a masked key's non-finite latent row must not reach the rows that do not see it
             # (p = 0 there, but 0 x NaN = NaN); the rows that see it are NaN already through
             # q.k (the same row is the key), so zeroing it changes no finite result
@@ -170,14 +171,9 @@ def _mla_tile(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     offs_n0 = tl.arange(0, BLOCK_N)
-    # NaN rule: the tiles from the first one holding a key that the tile's first row cannot see
-    # run with V's non-finite values zeroed (absorbed MLA only; see _attend_step); the tiles
-    # before run unchanged
-    CLEAN_TAIL: tl.constexpr = CAUSAL and not SEPARATE_V
-    kv_clean = kv_hi
-    if CLEAN_TAIL:
-        first_masked = kv_len - qlen + q_pos0 + 1  # keys >= this are masked for row 0
-        kv_clean = tl.minimum(tl.maximum(kv_lo + tl.maximum(first_masked - kv_lo, 0) // BLOCK_N * BLOCK_N, kv_lo), kv_hi)
+    # NaN rule (absorbed MLA, causal, several query tokens per tile: only then can a loaded key be
+    # masked for some rows): see _attend_step
+    CLEAN_V: tl.constexpr = CAUSAL and (not SEPARATE_V) and BLOCK_Q > 1
     if PREFETCH:
         # register double buffering: the next tile's loads are issued before this tile's math,
         # so they are in flight while the tensor cores work (Triton's own pipeliner keeps a
@@ -185,7 +181,7 @@ def _mla_tile(
         nx_nope, nx_rope, nx_page, nx_in_page, nx_ok = _kv_tile(
             KV, stride_kv_page, stride_kv_tok, table, num_pages_seq, num_pages_total, kv_lo + offs_n0, kv_hi,
             offs_dn, offs_dr, dn_ok, dr_ok, D_NOPE, PAGE_SIZE, OFFSET_BITS)
-        for start in range(kv_lo, kv_clean, BLOCK_N):
+        for start in range(kv_lo, kv_hi, BLOCK_N):
             k_nope, k_rope, page, in_page, n_ok = nx_nope, nx_rope, nx_page, nx_in_page, nx_ok
             nx_nope, nx_rope, nx_page, nx_in_page, nx_ok = _kv_tile(
                 KV, stride_kv_page, stride_kv_tok, table, num_pages_seq, num_pages_total, start + BLOCK_N + offs_n0,
@@ -193,35 +189,16 @@ def _mla_tile(
             m_i, l_i, acc = _attend_step(
                 q_nope, q_rope, k_nope, k_rope, page, in_page, n_ok, start + offs_n0, diag, m_i, l_i, acc,
                 V, stride_v_page, stride_v_tok, offs_dv, dv_ok, kv_len, qk_scale_log2, softcap, last_pe,
-                SEPARATE_V, CAUSAL, COMPUTE, SOFTCAP, LAST_ROPE)
-        if CLEAN_TAIL:
-            for start in range(kv_clean, kv_hi, BLOCK_N):
-                k_nope, k_rope, page, in_page, n_ok = nx_nope, nx_rope, nx_page, nx_in_page, nx_ok
-                nx_nope, nx_rope, nx_page, nx_in_page, nx_ok = _kv_tile(
-                    KV, stride_kv_page, stride_kv_tok, table, num_pages_seq, num_pages_total,
-                    start + BLOCK_N + offs_n0, kv_hi, offs_dn, offs_dr, dn_ok, dr_ok, D_NOPE, PAGE_SIZE, OFFSET_BITS)
-                m_i, l_i, acc = _attend_step(
-                    q_nope, q_rope, k_nope, k_rope, page, in_page, n_ok, start + offs_n0, diag, m_i, l_i, acc,
-                    V, stride_v_page, stride_v_tok, offs_dv, dv_ok, kv_len, qk_scale_log2, softcap, last_pe,
-                    SEPARATE_V, CAUSAL, COMPUTE, SOFTCAP, LAST_ROPE, True)
+                SEPARATE_V, CAUSAL, COMPUTE, SOFTCAP, LAST_ROPE, CLEAN_V)
     else:
-        for start in range(kv_lo, kv_clean, BLOCK_N):
+        for start in range(kv_lo, kv_hi, BLOCK_N):
             k_nope, k_rope, page, in_page, n_ok = _kv_tile(
                 KV, stride_kv_page, stride_kv_tok, table, num_pages_seq, num_pages_total, start + offs_n0, kv_hi,
                 offs_dn, offs_dr, dn_ok, dr_ok, D_NOPE, PAGE_SIZE, OFFSET_BITS)
             m_i, l_i, acc = _attend_step(
                 q_nope, q_rope, k_nope, k_rope, page, in_page, n_ok, start + offs_n0, diag, m_i, l_i, acc,
                 V, stride_v_page, stride_v_tok, offs_dv, dv_ok, kv_len, qk_scale_log2, softcap, last_pe,
-                SEPARATE_V, CAUSAL, COMPUTE, SOFTCAP, LAST_ROPE)
-        if CLEAN_TAIL:
-            for start in range(kv_clean, kv_hi, BLOCK_N):
-                k_nope, k_rope, page, in_page, n_ok = _kv_tile(
-                    KV, stride_kv_page, stride_kv_tok, table, num_pages_seq, num_pages_total, start + offs_n0, kv_hi,
-                    offs_dn, offs_dr, dn_ok, dr_ok, D_NOPE, PAGE_SIZE, OFFSET_BITS)
-                m_i, l_i, acc = _attend_step(
-                    q_nope, q_rope, k_nope, k_rope, page, in_page, n_ok, start + offs_n0, diag, m_i, l_i, acc,
-                    V, stride_v_page, stride_v_tok, offs_dv, dv_ok, kv_len, qk_scale_log2, softcap, last_pe,
-                    SEPARATE_V, CAUSAL, COMPUTE, SOFTCAP, LAST_ROPE, True)
+                SEPARATE_V, CAUSAL, COMPUTE, SOFTCAP, LAST_ROPE, CLEAN_V)
 
     out, lse = online_softmax_finalize(acc, m_i, l_i)
     out = out * o_scale
