@@ -426,11 +426,11 @@ def _paged():
 
 
 def _decode():
-    return dict(_paged(), page_size=2, sm_scale=0.3, num_kv_splits=2)
+    return dict(_paged(), page_size=2, sm_scale=0.3, logit_cap=0.0, num_kv_splits=2)
 
 
 def _prefill():
-    return dict(_paged(), sm_scale=0.3)
+    return dict(_paged(), sm_scale=0.3, logit_cap=0.0)
 
 
 def _prefill_ps():

@@ -924,7 +924,7 @@ def decode_options(nhead_kv, logit_cap, cp_world_size, g_kv_indptr) -> None:
 
 def prefill_options(logit_cap, why: str = "soft-capping is not supported") -> None:
     """``logit_cap``: MLA's absorbed decode and prefill take none (<= 0)."""
-    if logit_cap > 0:
+    if check_float("logit_cap", logit_cap) > 0:
         raise ValueError(f"logit_cap must be <= 0 ({why}), got {logit_cap}")
 
 
