@@ -211,34 +211,15 @@ def _window_list(window_size, causal: bool, seqlen_k: int) -> tuple[int, int, in
 
 
 def _window_ints(left, right, sink_size, causal: bool, seqlen_k: int) -> tuple[int, int, int]:
-    return _normalised_window(*check_window("window_size", (_int("window_size_left", left),
-                                                             _int("window_size_right", right),
-                                                             _int("sink_size", sink_size))),
+    return _normalised_window(*check_window("window_size", (check_int("window_size_left", left),
+                                                             check_int("window_size_right", right),
+                                                             check_int("sink_size", sink_size))),
                               causal, seqlen_k)
 
 
 # Fast paths for the common, valid case; anything else goes to aiter_core.checks for the error (or
 # the same acceptance of numpy scalars, SymInts, ...). isinstance against numbers.Integral/Real is an
 # abstract-class test that costs a microsecond a call.
-
-
-def _bool(name: str, value) -> None:
-    if value is not True and value is not False:
-        check_bool(name, value)
-
-
-def _int(name: str, value, minimum: int | None = None):
-    if type(value) is int and (minimum is None or value >= minimum):
-        return value
-    return check_int(name, value, minimum=minimum)
-
-
-def _int32_vector(name: str, x, length, device) -> None:
-    """``aiter_core.checks.check_int32_vector(name, x, length, device=device, like="q")``."""
-    if (isinstance(x, Tensor) and x.dtype == torch.int32 and x.dim() == 1 and x.device == device
-            and (length is None or x.shape[0] == length) and (x.shape[0] <= 1 or x.stride(0) == 1)):
-        return
-    check_int32_vector(name, x, length, device=device, like="q")
 
 
 def _scale(softmax_scale, dim_qk: int) -> float:
@@ -345,11 +326,11 @@ def _cu_seqlens(name: str, cu, batch, device, *, allow_int64: bool = False) -> O
     if allow_int64 and cu.dtype == torch.int64:  # accepted on the dense API, like upstream; kernels read int32
         cu = cu.to(torch.int32)
     if batch is None:
-        _int32_vector(name, cu, None, device)
+        check_int32_vector(name, cu, None, device=device, like="q")
         if cu.shape[0] < 2:
             raise ValueError(f"{name} must have at least 2 entries (batch + 1), got {cu.shape[0]}")
     else:
-        _int32_vector(name, cu, batch + 1, device)
+        check_int32_vector(name, cu, batch + 1, device=device, like="q")
     return cu
 
 
@@ -491,7 +472,7 @@ def _dense(q, k, v, *, dtypes, dropout_p, softmax_scale, causal, window, bias, a
     seqlen_k, heads_k, dim_v = ks[1], ks[2], vs[3]
     dropout_p = _dropout(dropout_p)
     scale = _scale(softmax_scale, dim_qk)
-    _bool("causal", causal)
+    check_bool("causal", causal)
     left, right, sink_size = window(causal, seqlen_k)
     if bias is not None:
         _bias(bias, device, seqlen_q, seqlen_k, "(seqlen_q, seqlen_k)")
@@ -536,13 +517,13 @@ def _packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, 
     batch = cu_q.shape[0] - 1
     cu_k = _required_cu("cu_seqlens_k", cu_seqlens_k, batch, device) if seqlens_k is None else \
         _cu_seqlens("cu_seqlens_k", cu_seqlens_k, batch, device)
-    max_seqlen_q = _int("max_seqlen_q", max_seqlen_q, 0)
-    max_seqlen_k = _int("max_seqlen_k", max_seqlen_k, 0)
-    _int("min_seqlen_q", min_seqlen_q, 0)
+    max_seqlen_q = check_int("max_seqlen_q", max_seqlen_q, minimum=0)
+    max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, minimum=0)
+    check_int("min_seqlen_q", min_seqlen_q, minimum=0)
     dropout_p = _dropout(dropout_p)
     scale = _scale(softmax_scale, dim_qk)
     softcap = _softcap("logits_soft_cap", softcap)
-    _bool("causal", causal)
+    check_bool("causal", causal)
     left, right, sink_size = window(causal, max(max_seqlen_k, 1))
     _bias(bias, device, max_seqlen_q, max_seqlen_k, "(max_seqlen_q, max_seqlen_k)")
     _alibi(alibi_slopes, device, batch, heads_q)
@@ -557,10 +538,10 @@ def _packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, 
             raise ValueError(f"max_seqlen_k must be at most {block_table.shape[1] * ks[1]} (block_table columns x "
                              f"page_block_size), got {max_seqlen_k}")
         if seqlens_k is not None:
-            _int32_vector("seqlens_k", seqlens_k, batch, device)
+            check_int32_vector("seqlens_k", seqlens_k, batch, device=device, like="q")
     elif seqlens_k is not None:
         raise ValueError("seqlens_k must be None without block_table (it gives the key lengths of a paged cache), got a tensor")
-    _bool("zero_tensors", zero_tensors)
+    check_bool("zero_tensors", zero_tensors)
     fp8 = _descales(dtype, q_descale, k_descale, v_descale, device, batch, heads_k, low_level=low_level) or quantize
     if out is not None:
         _out(out, device, (total_q, heads_q, dim_v), dtype, any_high_precision=low_level and dtype in FP8_DTYPES)
@@ -597,8 +578,8 @@ def mha_fwd(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, softmax_scale: fl
             rng_state: Optional[Tensor] = None, logits_soft_cap: float = 0.0,
             backend: Optional[str] = None) -> FwdCall:
     """Upstream's low-level dense forward (spec §1.3); ``rng_state`` takes ``gen``'s place."""
-    _bool("return_softmax_lse", return_softmax_lse)
-    _bool("return_dropout_randval", return_dropout_randval)
+    check_bool("return_softmax_lse", return_softmax_lse)
+    check_bool("return_dropout_randval", return_dropout_randval)
     return _dense(q, k, v, dtypes=ALL_INPUT_DTYPES, dropout_p=dropout_p, softmax_scale=softmax_scale,
                   causal=is_causal, window=_int_window(window_size_left, window_size_right, sink_size), bias=bias,
                   alibi_slopes=alibi_slopes, sink=sink_ptr, sink_name="sink_ptr", cu_seqlens_q=cu_seqlens_q,
@@ -619,8 +600,8 @@ def mha_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seq
                    cu_seqlens_k_padded: Optional[Tensor] = None, sink_ptr: Optional[Tensor] = None,
                    seqlens_k: Optional[Tensor] = None, backend: Optional[str] = None) -> FwdCall:
     """Upstream's low-level varlen forward; ``seqlens_k`` (paged key lengths) is an extension."""
-    _bool("return_softmax_lse", return_softmax_lse)
-    _bool("return_dropout_randval", return_dropout_randval)
+    check_bool("return_softmax_lse", return_softmax_lse)
+    check_bool("return_dropout_randval", return_dropout_randval)
     return _packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dtypes=ALL_INPUT_DTYPES,
                    min_seqlen_q=min_seqlen_q, dropout_p=dropout_p, softmax_scale=softmax_scale,
                    softcap=logits_soft_cap, causal=is_causal,
@@ -641,9 +622,9 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
                     sink_ptr: Optional[Tensor] = None, num_splits: int = 0, logits_soft_cap: float = 0.0,
                     backend: Optional[str] = None) -> FwdCall:
     """Dense attention with autograd; ``window_size`` None = (-1, -1, 0)."""
-    _bool("deterministic", deterministic)
-    _bool("return_lse", return_lse)
-    _bool("return_attn_probs", return_attn_probs)
+    check_bool("deterministic", deterministic)
+    check_bool("return_lse", return_lse)
+    check_bool("return_attn_probs", return_attn_probs)
     _how_v3_bf16_cvt(how_v3_bf16_cvt)
     if num_splits != 0:
         check_int("num_splits", num_splits, minimum=0)
@@ -666,9 +647,9 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            sink_ptr: Optional[Tensor] = None, backend: Optional[str] = None) -> FwdCall:
     """Packed attention with autograd. ``out`` is checked here; the op is functional (it carries
     an autograd formula), so the public function copies the result into ``out``."""
-    _bool("deterministic", deterministic)
-    _bool("return_lse", return_lse)
-    _bool("return_attn_probs", return_attn_probs)
+    check_bool("deterministic", deterministic)
+    check_bool("return_lse", return_lse)
+    check_bool("return_attn_probs", return_attn_probs)
     _how_v3_bf16_cvt(how_v3_bf16_cvt)
     call = _packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dtypes=HIGH_PRECISION_DTYPES,
                    min_seqlen_q=min_seqlen_q, dropout_p=dropout_p, softmax_scale=softmax_scale,
@@ -720,8 +701,8 @@ def flash_attn_fp8_func(q: Tensor, k: Tensor, v: Tensor, softmax_scale: Optional
     """bshd attention in fp8 from fp16/bf16/fp32 inputs (the op quantizes); straight-through backward."""
     _fp8_unsupported(qv, attention_chunk, num_splits, sm_margin)
     if pack_gqa is not None:
-        _bool("pack_gqa", pack_gqa)
-    _bool("deterministic", deterministic)
+        check_bool("pack_gqa", pack_gqa)
+    check_bool("deterministic", deterministic)
     call = _dense(q, k, v, dtypes=HIGH_PRECISION_DTYPES, dropout_p=0.0, softmax_scale=softmax_scale, causal=causal,
                   window=_list_window(window_size), bias=None, alibi_slopes=None, sink=None, sink_name="sink_ptr",
                   cu_seqlens_q=None, cu_seqlens_kv=None, softcap=softcap, softcap_name="softcap", out=None,
@@ -738,7 +719,7 @@ def flash_attn_varlen_fp8_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Te
                                sm_margin: int = 0, backend: Optional[str] = None) -> FwdCall:
     """thd attention in fp8 from fp16/bf16/fp32 inputs (quantized per sequence and kv head)."""
     _fp8_unsupported(None, attention_chunk, 0, sm_margin)
-    _bool("deterministic", deterministic)
+    check_bool("deterministic", deterministic)
     return _packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dtypes=HIGH_PRECISION_DTYPES,
                    min_seqlen_q=0, dropout_p=0.0, softmax_scale=softmax_scale, softcap=softcap, causal=causal,
                    window=_list_window(window_size), bias=None, alibi_slopes=None, block_table=None, seqlens_k=None,
@@ -802,10 +783,10 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         check_gqa(heads_q, heads_kv, k_name="k_cache")
     if cache_leftpad is not None:
         raise NotImplementedError("cache_leftpad must be None: left padding of the cache is not supported")
-    _int("num_splits", num_splits, 0)
-    _bool("causal", causal)
-    _bool("rotary_interleaved", rotary_interleaved)
-    _bool("return_softmax_lse", return_softmax_lse)
+    check_int("num_splits", num_splits, minimum=0)
+    check_bool("causal", causal)
+    check_bool("rotary_interleaved", rotary_interleaved)
+    check_bool("return_softmax_lse", return_softmax_lse)
     softcap = _softcap("softcap", softcap)
     if paged:
         _block_table(block_table, batch, device, "the batch of q")
@@ -819,9 +800,9 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         elif kcs[0] < batch:
             raise ValueError(f"k_cache must have at least {batch} rows (the batch of q), got {kcs[0]}")
     if cache_seqlens is not None:
-        _int32_vector("cache_seqlens", cache_seqlens, batch, device)
+        check_int32_vector("cache_seqlens", cache_seqlens, batch, device=device, like="q")
     elif cache_seqlens_int is not None:
-        _int("cache_seqlens", cache_seqlens_int, 0)
+        check_int("cache_seqlens", cache_seqlens_int, minimum=0)
     elif paged:
         raise TypeError("cache_seqlens must be an int or an int32 tensor (batch,) with a paged cache, got None")
     if cache_seqlens_int is not None and cache_seqlens is not None:
@@ -978,7 +959,7 @@ def _bwd_call(fwd: FwdCall, dout, out, softmax_lse, dq, dk, dv, dbias, d_sink, r
               zero_tensors, lse_shape, dbias_shape) -> BwdCall:
     q, k, v = fwd.q, fwd.k, fwd.v
     device = fwd.key.device
-    _bool("deterministic", deterministic)
+    check_bool("deterministic", deterministic)
     _bwd_tensors(dout, out, softmax_lse, q, v, device, lse_shape)
     _grad_buffers(q, k, v, dq, dk, dv, device)
     _bwd_rng(rng_state, fwd.dropout_p, device)
