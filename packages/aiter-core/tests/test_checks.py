@@ -209,6 +209,10 @@ def test_shared_attention_checks():
         C.check_paired("k_descale", None, "v_descale", torch.ones(1))
     with pytest.raises(TypeError, match="^slot_mapping must have dtype int32/int64"):
         C.check_index_tensor("slot_mapping", torch.ones(3))
+    slots = torch.arange(6)
+    assert C.check_index_vector("slot_mapping", slots) is slots
+    with pytest.raises(ValueError, match=r"^positions must be contiguous \(stride 1\), got stride 2$"):
+        C.check_index_vector("positions", slots[::2])
 
 
 def test_check_block_table():

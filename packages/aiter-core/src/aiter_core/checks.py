@@ -34,6 +34,7 @@ __all__ = [
     "check_scalar_f32",
     "INDEX_DTYPES",
     "check_index_tensor",
+    "check_index_vector",
     "check_gqa",
     "check_per_head_f32",
     "check_output",
@@ -207,6 +208,15 @@ def check_index_tensor(name: str, x, *, ndim: int | None = None, device: torch.d
                        like: str | None = None) -> torch.Tensor:
     """An int32 or int64 tensor of ids or lengths (block tables, slot mappings, page lists)."""
     return check_tensor(name, x, ndim=ndim, dtypes=INDEX_DTYPES, device=device, like=like)
+
+
+def check_index_vector(name: str, x, *, device: torch.device | None = None, like: str | None = None) -> torch.Tensor:
+    """A 1-D int32/int64 tensor a kernel reads as ``x[i]`` (slot mappings, positions): a strided
+    view is refused rather than misread."""
+    check_index_tensor(name, x, ndim=1, device=device, like=like)
+    if x.shape[0] > 1 and x.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous (stride 1), got stride {x.stride(0)}")
+    return x
 
 
 def check_gqa(num_heads_q: int, num_heads_kv: int, *, q_name: str = "query", kv_name: str = "KV") -> None:
