@@ -21,7 +21,7 @@ import torch
 from aiter_core import configs
 from aiter_core.arch import get_arch_info
 from aiter_core.triton_attn import max_element_offset, splitk_merge
-from aiter_core.triton_utils import cdiv, install_compile_notice, interpreter_active, next_pow2
+from aiter_core.triton_utils import cdiv, install_compile_notice, interpreter_active, launch, next_pow2
 
 from ..checks import FP8_DTYPES, MAX_ROPE_KV_HEADS, q_block
 from .attention import mla_attn_kernel, mla_attn_persistent_kernel, mla_reduce_kernel
@@ -313,7 +313,7 @@ def attention(q: Tensor, kv: Tensor, out: Tensor, *, qo_indptr: Tensor, max_seql
                                       q_scale is not None, kv_scale is not None, v_scale is not None, softcap > 0,
                                       last_rope is not None, bits)
     grid = (batch * q_tiles, cdiv(num_heads, config.BLOCK_H), num_splits)
-    mla_attn_kernel[grid](
+    launch(mla_attn_kernel, grid,
         q, q_st[0], q_st[1],
         kv, stride_page, stride_tok, stride_head,
         vbuf, v_page, v_tok, v_head,
@@ -372,7 +372,7 @@ def mla_decode_fwd_persistent(call) -> None:
         pl = call.partial_lse.view(call.partial_lse.shape[0], num_heads)
         d_nope = key.d_nope
         q_st, o_st, po_st, pl_st = q.stride(), call.o.stride(), po.stride(), pl.stride()
-        mla_attn_persistent_kernel[(workers,)](
+        launch(mla_attn_persistent_kernel, (workers,),
             q, q_st[0], q_st[1],
             kv, kv_st[0], kv_st[1],
             call.qo_indptr, call.kv_indptr, call.kv_indices,
@@ -406,7 +406,7 @@ def reduce(partial_o: Tensor, partial_lse: Tensor, reduce_indptr: Tensor, reduce
     one = _one(out.device)
     grid = (tiles, max_seqlen_q, cdiv(heads, MERGE_BLOCK_H))
     po_st, pl_st, o_st = po.stride(), pl.stride(), out.stride()
-    mla_reduce_kernel[grid](
+    launch(mla_reduce_kernel, grid,
         po, po_st[0], po_st[1],
         pl, pl_st[0], pl_st[1],
         reduce_indptr, reduce_final_map, reduce_partial_map,
@@ -459,7 +459,7 @@ def decode_attention_fwd_grouped_rope(call) -> None:
         k_buffer, cos_sin = call.k_buffer, call.cos_sin_cache
         rope = key.d_rope
         q_st, rot_st = call.q.stride(), q.stride()
-        _rope_decode_kernel[(batch,)](
+        launch(_rope_decode_kernel, (batch,),
             call.q, q_st[0], q_st[1], q, rot_st[0], rot_st[1],
             k_buffer, k_buffer.stride()[0], k_pe, k_pe.stride()[0],
             call.kv_indptr, call.kv_indices, call.positions, cos_sin, cos_sin.stride(0),
@@ -506,7 +506,7 @@ def concat_and_cache_mla(call) -> None:
     pe = k_pe.shape[1]
     fp8 = fp8_max(cache.dtype)
     c_st = cache.stride()
-    _concat_cache_kernel[(tokens,)](
+    launch(_concat_cache_kernel, (tokens,),
         kv_c, kv_c.stride()[0], k_pe, k_pe.stride()[0], cache, c_st[0], c_st[1], call.slot_mapping,
         _one(cache.device) if call.scale is None else call.scale, cache.shape[1], cache.shape[0] * cache.shape[1],
         LORA=lora, PE=pe, BLOCK_L=next_pow2(lora), BLOCK_P=next_pow2(pe), FP8=fp8 > 0, FP8_MAX=fp8, num_warps=4,
@@ -532,7 +532,7 @@ def _fused_rope_cache(q_nope, q_pe, k_nope, k_pe, cache_rows, cache_head_stride,
     kpo_st = (0, 0) if k_pe_out is None else k_pe_out.stride()
     dqp_st = (0, 0) if dqp is None else dqp.stride()
     grid = (tokens, cdiv(q_heads, ROPE_BLOCK_HQ) + 1)
-    _fused_rope_cache_kernel[grid](
+    launch(_fused_rope_cache_kernel, grid,
         q_nope, qn_st[0], qn_st[1], q_pe, qp_st[0], qp_st[1],
         k_nope, kn_st[0], kn_st[1], k_pe, kp_st[0], kp_st[1],
         q_out, qo_st[0], qo_st[1],
