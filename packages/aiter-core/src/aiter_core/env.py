@@ -43,6 +43,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("AITER_MHA_DQ_ATOMIC", "1: the MHA backward accumulates dQ with atomics instead of a separate pass",
              "aiter-mha"),
     Variable("AITER_MHA_COMPILE_FULL", "1: the MHA compile tier builds every config, not a sample", "aiter-mha"),
+    Variable("AITER_PA_COMPILE_FULL", "1: the pa compile tier builds every head dim x dtype x form, not a sample",
+             "aiter-pa"),
     Variable("AITER_MLA_COMPILE_FULL", "1: the MLA compile tier builds every head dim x rope x dtype x form, not a "
              "sample", "aiter-mla"),
     Variable("AITER_UNIFIED_COMPILE_FULL", "1: the unified compile tier builds every head dim x dtype x mask x form, "
