@@ -38,6 +38,7 @@ from aiter_core.checks import (
     check_float,
     check_gqa,
     check_index_tensor,
+    check_index_vector,
     check_int,
     check_ndim,
     check_output,
@@ -224,11 +225,7 @@ def check_query(name: str, q) -> torch.Size:
 
 def _index_vector(name: str, t, device) -> Tensor:
     """A 1-D int32/int64 index vector on ``device`` with unit stride (the kernels read it so)."""
-    if not (isinstance(t, Tensor) and t.dtype in (torch.int32, torch.int64) and t.dim() == 1 and t.device == device
-            and (t.stride(0) == 1 or t.shape[0] <= 1)):
-        check_index_tensor(name, t, ndim=1, device=device)
-        raise ValueError(f"{name} must be contiguous (stride 1), got stride {t.stride(0)}")
-    return t
+    return check_index_vector(name, t, device=device)
 
 
 def _out(name: str, out, shape, device) -> None:
